@@ -1,0 +1,735 @@
+"""TLS policy, SNI, ALPN, resumption and certificate checks of fastlb.net.tls, over real loopback sockets.
+
+The server is what a worker runs: the context comes from `build_server_context` in this (master) process,
+then `os.fork()`, then a uvloop server in the child on a SO_REUSEPORT socket opened before the fork, with
+`ssl_handshake_timeout`. Clients are the stdlib `ssl` module and `openssl s_client`; nothing is mocked.
+The server answers any request head with JSON facts about the connection as the *server* saw it.
+
+TlsSpec/CertSpec are mostly stood in by SimpleNamespace: these tests exercise the checks tls.py makes itself,
+which must hold even for a spec that config validation did not produce (one test uses the real dataclasses).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import ssl
+import stat
+import subprocess
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+import pytest
+import trustme
+import uvloop
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from fastlb.config import CertSpec, ConfigError, TlsSpec
+from fastlb.net import certs, tls
+
+# Mozilla intermediate, TLS 1.2 part (https://ssl-config.mozilla.org/guidelines/5.7.json)
+INTERMEDIATE_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:"
+    "ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
+    "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384:DHE-RSA-CHACHA20-POLY1305"
+)
+SOURCE = "fastlb.toml"
+OPENSSL = shutil.which("openssl")
+
+# Certificate SANs: the default first, then a one-label wildcard, then an RSA certificate that also has an
+# exact name under the wildcard (exact must beat wildcard although the wildcard comes first in config order).
+DEFAULT_NAMES = ["localhost", "default.example", "127.0.0.1"]
+WILDCARD_NAMES = ["*.wild.example"]
+RSA_NAMES = ["rsa.example", "exact.wild.example"]
+
+
+def tls_spec(certificates, min_version="1.2", ciphers=INTERMEDIATE_CIPHERS, handshake_timeout=10.0):
+    return SimpleNamespace(
+        min_version=min_version,
+        ciphers=ciphers,
+        handshake_timeout=handshake_timeout,
+        certificates=tuple(SimpleNamespace(cert=cert, key=key) for cert, key in certificates),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Certificates
+
+
+@pytest.fixture(scope="module")
+def ca():
+    return trustme.CA()
+
+
+def write_certificate(directory, stem, names, not_before, not_after, *, key=None, ca=None):
+    """A leaf for `names` (DNS names or IP literals) signed by `ca` (a trustme.CA), or self-signed.
+
+    Not trustme's own leaves: they mark the subjectAltName critical next to a non-empty subject, which
+    RFC 5280 section 4.2.1.6 forbids and sslyze's path validation (cryptography's verifier) rejects; they
+    also live until the year 3000, over Mozilla's 366-day limit.
+    """
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, names[0])])
+    if ca is None:
+        issuer, signing_key = subject, key
+    else:
+        issuer = x509.load_pem_x509_certificate(ca.cert_pem.bytes()).subject
+        signing_key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), password=None)
+    alt_names = []
+    for name in names:
+        try:
+            alt_names.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            alt_names.append(x509.DNSName(name))
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([x509.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(signing_key.public_key()), critical=False
+        )
+        .sign(signing_key, hashes.SHA256())
+    )
+    cert_path = os.path.join(directory, f"{stem}.pem")
+    key_path = os.path.join(directory, f"{stem}.key")
+    with open(cert_path, "wb") as f:
+        f.write(certificate.public_bytes(serialization.Encoding.PEM))
+    with open(key_path, "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+    return cert_path, key_path
+
+
+def days_from_now(days):
+    return datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=days)
+
+
+@pytest.fixture(scope="module")
+def pems(ca, tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("pems"))
+    ca_path = os.path.join(directory, "ca.pem")
+    ca.cert_pem.write_to_path(ca_path)
+    # 90 days, Mozilla's recommended lifetime.
+    start, end = days_from_now(-1), days_from_now(90)
+    return SimpleNamespace(
+        directory=directory,
+        ca=ca_path,
+        default=write_certificate(directory, "default", DEFAULT_NAMES, start, end, ca=ca),
+        wildcard=write_certificate(directory, "wildcard", WILDCARD_NAMES, start, end, ca=ca),
+        rsa=write_certificate(
+            directory,
+            "rsa",
+            RSA_NAMES,
+            start,
+            end,
+            key=rsa.generate_private_key(public_exponent=65537, key_size=2048),
+            ca=ca,
+        ),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A forked uvloop server, as a worker runs it
+
+
+class FactsProtocol(asyncio.Protocol):
+    """Answers every request head with the server-side view of the TLS connection, keep-alive."""
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.buffer = b""
+
+    def data_received(self, data):
+        self.buffer += data
+        while b"\r\n\r\n" in self.buffer:
+            _, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+            ssl_object = self.transport.get_extra_info("ssl_object")
+            version, cipher, reused = tls.handshake_facts(ssl_object)
+            body = json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "version": version,
+                    "cipher": cipher,
+                    "reused": reused,
+                    "alpn": ssl_object.selected_alpn_protocol(),
+                }
+            ).encode()
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(body), body)
+            )
+
+
+def _worker(sock, context, handshake_timeout, ready_fd):
+    if callable(context):  # only the control test: a context made in the worker, after fork
+        context = context()
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    loop.run_until_complete(
+        loop.create_server(FactsProtocol, sock=sock, ssl=context, ssl_handshake_timeout=handshake_timeout)
+    )
+    os.write(ready_fd, b"!")
+    loop.run_forever()
+
+
+@contextmanager
+def forked_server(context, workers=1, handshake_timeout=10.0):
+    """Yields (port, pids): `workers` forked uvloop processes, each on its own SO_REUSEPORT socket.
+
+    The sockets are opened here, before fork, as the master does.
+    """
+    sockets = []
+    port = 0
+    for _ in range(workers):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen(128)
+        sock.setblocking(False)
+        port = sock.getsockname()[1]
+        sockets.append(sock)
+    ready_r, ready_w = os.pipe()
+    pids = []
+    try:
+        for sock in sockets:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - child
+                status = 0
+                try:
+                    os.close(ready_r)
+                    _worker(sock, context, handshake_timeout, ready_w)
+                except BaseException:
+                    traceback.print_exc()
+                    status = 1
+                finally:
+                    os._exit(status)
+            pids.append(pid)
+        os.close(ready_w)
+        ready_w = -1
+        deadline = time.monotonic() + 10
+        started = 0
+        while started < workers:
+            readable, _, _ = select.select([ready_r], [], [], max(0.0, deadline - time.monotonic()))
+            data = os.read(ready_r, 16) if readable else b""
+            assert data, "forked TLS server did not start"
+            started += len(data)
+        yield port, pids
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+        for pid in pids:
+            os.waitpid(pid, 0)
+        for fd in (ready_r, ready_w):
+            if fd >= 0:
+                os.close(fd)
+        for sock in sockets:
+            sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(pems):
+    """Intermediate policy, three certificates, two workers sharing one context built before fork."""
+    spec = tls_spec([pems.default, pems.wildcard, pems.rsa])
+    context = tls.build_server_context(spec, SOURCE)
+    with forked_server(context, workers=2, handshake_timeout=spec.handshake_timeout) as (port, pids):
+        yield SimpleNamespace(port=port, pids=pids)
+
+
+@pytest.fixture(scope="module")
+def modern_server(pems):
+    context = tls.build_server_context(tls_spec([pems.default], min_version="1.3"), SOURCE)
+    with forked_server(context) as (port, _):
+        yield SimpleNamespace(port=port)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Client side
+
+
+def client_context(pems, *, check_hostname=True, minimum=None, maximum=None, ciphers=None, alpn=None):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(pems.ca)
+    context.check_hostname = check_hostname
+    if minimum:
+        context.minimum_version = minimum
+    if maximum:
+        context.maximum_version = maximum
+    if ciphers:
+        context.set_ciphers(ciphers)
+    if alpn:
+        context.set_alpn_protocols(alpn)
+    return context
+
+
+def _read_response(conn) -> dict:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(4096)
+        assert chunk, f"connection closed mid-response: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n"), head
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    while len(body) < length:
+        chunk = conn.recv(4096)
+        assert chunk
+        body += chunk
+    return json.loads(body)
+
+
+def exchange(port, context, server_hostname="localhost", session=None):
+    """One TLS connection with one request; the server's facts and the client's view of it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        # Without it Nagle holds the request behind the client's Finished until the delayed ACK (40 ms).
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with context.wrap_socket(raw, server_hostname=server_hostname, session=session) as conn:
+            conn.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+            # TLS 1.3 tickets arrive after the handshake: reading the response processes them, so only
+            # now does conn.session hold a resumable session.
+            facts = _read_response(conn)
+            return SimpleNamespace(
+                server=facts,
+                session=conn.session,
+                reused=conn.session_reused,
+                version=conn.version(),
+                cipher=conn.cipher()[0],
+                alpn=conn.selected_alpn_protocol(),
+                handshake=tls.handshake_facts(conn),
+                names=_dns_names(conn.getpeercert(binary_form=True)),
+                key=type(x509.load_der_x509_certificate(conn.getpeercert(binary_form=True)).public_key()),
+            )
+
+
+def _dns_names(der):
+    certificate = x509.load_der_x509_certificate(der)
+    san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return san.get_values_for_type(x509.DNSName)
+
+
+def refused_by_server(port, context, server_hostname="localhost") -> None:
+    """The handshake fails, and not because the client could not even build its hello."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with pytest.raises((ssl.SSLError, ConnectionResetError)) as excinfo:
+            with context.wrap_socket(raw, server_hostname=server_hostname) as conn:
+                conn.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+                _read_response(conn)
+    # uvloop (like asyncio's sslproto) closes the transport on a handshake error without flushing the
+    # alert OpenSSL queued, so the client sees a bare EOF rather than e.g. "alert protocol version".
+    error = excinfo.value
+    reason = getattr(error, "reason", None) or ""
+    assert isinstance(error, ConnectionResetError | ssl.SSLEOFError) or "ALERT" in reason, error
+
+
+def s_client(port, *args):
+    return subprocess.run(
+        [OPENSSL, "s_client", "-connect", f"127.0.0.1:{port}", *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Policy
+
+
+def test_context_options_follow_mozilla_intermediate(pems):
+    context = tls.build_server_context(tls_spec([pems.default]), SOURCE)
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert context.maximum_version == ssl.TLSVersion.MAXIMUM_SUPPORTED
+    assert not context.options & ssl.OP_CIPHER_SERVER_PREFERENCE
+    assert not context.options & ssl.OP_NO_TICKET
+    assert context.options & ssl.OP_NO_COMPRESSION
+    assert context.options & ssl.OP_NO_RENEGOTIATION
+    tls12 = {c["name"] for c in context.get_ciphers() if c["protocol"] == "TLSv1.2"}
+    assert tls12 == set(INTERMEDIATE_CIPHERS.split(":"))
+    assert context.sni_callback is None  # one certificate: nothing to select
+    modern = tls.build_server_context(tls_spec([pems.default], min_version="1.3"), SOURCE)
+    assert modern.minimum_version == ssl.TLSVersion.TLSv1_3
+
+
+def test_real_config_spec_with_its_default_ciphers(pems):
+    spec = TlsSpec(certificates=(CertSpec(cert=pems.default[0], key=pems.default[1]),))
+    assert spec.ciphers == INTERMEDIATE_CIPHERS
+    context = tls.build_server_context(spec, SOURCE)
+    assert {c["name"] for c in context.get_ciphers() if c["protocol"] == "TLSv1.2"} == set(
+        spec.ciphers.split(":")
+    )
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_tls11_client_is_refused(server, pems):
+    # OpenSSL 3 allows TLS 1.1 only at security level 0, so the client must ask for it to send the hello.
+    context = client_context(
+        pems, minimum=ssl.TLSVersion.TLSv1_1, maximum=ssl.TLSVersion.TLSv1_1, ciphers="DEFAULT:@SECLEVEL=0"
+    )
+    refused_by_server(server.port, context)
+
+
+def test_weak_cipher_only_client_is_refused(server, pems):
+    context = client_context(pems, maximum=ssl.TLSVersion.TLSv1_2, ciphers="AES128-SHA")
+    refused_by_server(server.port, context)
+
+
+@pytest.mark.parametrize(
+    ("server_hostname", "cipher", "key_type"),
+    [
+        ("localhost", "ECDHE-ECDSA-AES128-GCM-SHA256", ec.EllipticCurvePublicKey),
+        ("rsa.example", "ECDHE-RSA-AES128-GCM-SHA256", rsa.RSAPublicKey),
+    ],
+)
+def test_tls12_ecdhe_aes_gcm_works_with_ecdsa_and_rsa(server, pems, server_hostname, cipher, key_type):
+    context = client_context(pems, maximum=ssl.TLSVersion.TLSv1_2, ciphers=cipher)
+    result = exchange(server.port, context, server_hostname)
+    assert (result.version, result.cipher) == ("TLSv1.2", cipher)
+    assert (result.server["version"], result.server["cipher"]) == ("TLSv1.2", cipher)
+    assert issubclass(result.key, key_type)
+
+
+@pytest.mark.parametrize(
+    "offered",
+    [
+        ["ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-ECDSA-AES256-GCM-SHA384"],
+        ["ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-ECDSA-CHACHA20-POLY1305"],
+    ],
+)
+def test_client_cipher_order_wins(server, pems, offered):
+    context = client_context(pems, maximum=ssl.TLSVersion.TLSv1_2, ciphers=":".join(offered))
+    assert exchange(server.port, context).cipher == offered[0]
+
+
+def test_tls13_works_by_default(server, pems):
+    result = exchange(server.port, client_context(pems))
+    assert result.version == "TLSv1.3"
+    assert result.server["cipher"] in {
+        "TLS_AES_128_GCM_SHA256",
+        "TLS_AES_256_GCM_SHA384",
+        "TLS_CHACHA20_POLY1305_SHA256",
+    }
+    assert result.handshake == (result.version, result.cipher, False)
+
+
+def test_min_version_13_refuses_tls12(modern_server, pems):
+    refused = client_context(pems, maximum=ssl.TLSVersion.TLSv1_2)
+    refused_by_server(modern_server.port, refused)
+    assert exchange(modern_server.port, client_context(pems)).version == "TLSv1.3"
+
+
+@pytest.mark.skipif(OPENSSL is None, reason="openssl command-line tool not installed")
+@pytest.mark.parametrize(
+    ("version", "group", "accepted", "temp_key"),
+    [
+        ("-tls1_3", "X25519", True, "X25519, 253 bits"),
+        ("-tls1_3", "P-256", True, "ECDH, prime256v1, 256 bits"),
+        ("-tls1_3", "P-384", True, "ECDH, secp384r1, 384 bits"),
+        ("-tls1_3", "P-521", False, None),
+        ("-tls1_3", "X448", False, None),
+        ("-tls1_3", "ffdhe2048", False, None),
+        ("-tls1_2", "X25519", True, "X25519, 253 bits"),
+        ("-tls1_2", "P-521", False, None),
+    ],
+)
+def test_key_exchange_groups_are_restricted_in_forked_workers(server, version, group, accepted, temp_key):
+    # The RSA certificate: in TLS 1.2 the client's group list also bounds an ECDSA certificate's curve
+    # (RFC 8422 section 5.1), which would mix that rule into this test.
+    done = s_client(server.port, version, "-groups", group, "-servername", "rsa.example")
+    handshake_done = done.returncode == 0 and "Cipher is (NONE)" not in done.stdout
+    assert handshake_done == accepted, done.stdout + done.stderr
+    if accepted:
+        assert f"Server Temp Key: {temp_key}" in done.stdout, done.stdout
+
+
+def test_group_list_openssl_refuses_is_a_clear_error():
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with pytest.raises(
+        ConfigError, match=r"^fastlb.toml: tls: OpenSSL .* refused the group list X25519:nope$"
+    ):
+        tls._set_groups(context, "X25519:nope", SOURCE)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SNI
+
+
+@pytest.mark.parametrize(
+    ("server_hostname", "names"),
+    [
+        ("localhost", DEFAULT_NAMES[:2]),
+        ("rsa.example", RSA_NAMES),
+        ("a.wild.example", WILDCARD_NAMES),
+        ("exact.wild.example", RSA_NAMES),  # exact beats the wildcard listed before it
+        ("a.b.wild.example", DEFAULT_NAMES[:2]),  # the wildcard covers one label only
+        ("wild.example", DEFAULT_NAMES[:2]),
+        ("unknown.invalid", DEFAULT_NAMES[:2]),
+        (None, DEFAULT_NAMES[:2]),  # no SNI at all
+    ],
+)
+def test_sni_selects_certificate(server, pems, server_hostname, names):
+    result = exchange(server.port, client_context(pems, check_hostname=False), server_hostname)
+    assert result.names == names
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Session resumption across forked workers
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+@pytest.mark.parametrize("server_hostname", ["localhost", "a.wild.example"])
+def test_resumption_works_across_workers(server, pems, version, server_hostname):
+    context = client_context(pems, minimum=version, maximum=version)
+    first = exchange(server.port, context, server_hostname)
+    assert not first.reused and first.session is not None
+    seen_pids = {first.server["pid"]}
+    for _ in range(20):
+        result = exchange(server.port, context, server_hostname, session=first.session)
+        assert result.reused and result.server["reused"], result.server
+        assert result.version == version.name.replace("_", ".")
+        assert result.names == first.names
+        seen_pids.add(result.server["pid"])
+    # SO_REUSEPORT hashes each new source port: 21 connections all on one of two workers is a 1-in-a-million.
+    assert seen_pids == set(server.pids)
+
+
+def test_resumption_control_contexts_made_after_fork_do_not_share_ticket_keys(pems):
+    # Proves the test above can fail: each worker builds its own context, so each has its own ticket keys
+    # and a session resumes only on the worker that issued it.
+    spec = tls_spec([pems.default])
+    with forked_server(lambda: tls.build_server_context(spec, SOURCE), workers=2) as (port, pids):
+        context = client_context(pems)
+        first = exchange(port, context)
+        results = [exchange(port, context, session=first.session) for _ in range(20)]
+    assert {r.server["pid"] for r in results} | {first.server["pid"]} == set(pids)
+    assert {r.server["reused"] for r in results} == {True, False}
+    assert all(r.server["reused"] == (r.server["pid"] == first.server["pid"]) for r in results)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ALPN
+
+
+@pytest.mark.parametrize(
+    ("server_hostname", "offered", "selected"),
+    [
+        ("localhost", ["h2"], None),
+        ("localhost", ["h2", "http/1.1"], "http/1.1"),
+        ("localhost", None, None),
+        ("rsa.example", ["h2"], None),  # a context switched to by SNI: same ALPN
+        ("rsa.example", ["h2", "http/1.1"], "http/1.1"),
+    ],
+)
+def test_alpn_offers_http11_only_and_never_fails_the_handshake(
+    server, pems, server_hostname, offered, selected
+):
+    result = exchange(server.port, client_context(pems, alpn=offered), server_hostname)
+    assert result.alpn == selected
+    assert result.server["alpn"] == selected
+
+
+# ---------------------------------------------------------------------------------------------------------
+# uvloop's ssl_handshake_timeout
+
+
+def _client_hello(pems) -> bytes:
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    ssl_object = client_context(pems).wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        ssl_object.do_handshake()
+    return outgoing.read()
+
+
+@pytest.mark.parametrize("trickle", [False, True], ids=["idle", "trickled-hello"])
+def test_handshake_timeout_is_a_total_deadline(pems, trickle):
+    # uvloop arms one timer when the connection is accepted; bytes arriving do not push it back, so a
+    # client trickling its ClientHello (slowloris) is cut off as surely as an idle one.
+    hello = _client_hello(pems)
+    context = tls.build_server_context(tls_spec([pems.default]), SOURCE)
+    with forked_server(context, handshake_timeout=0.5) as (port, _):
+        with socket.create_connection(("127.0.0.1", port), timeout=0.1) as raw:
+            started = time.monotonic()
+            sent = 0
+            while time.monotonic() - started < 3:
+                try:
+                    if trickle and sent < len(hello) - 1:  # never the last byte: the hello stays incomplete
+                        raw.send(hello[sent : sent + 1])
+                        sent += 1
+                    if raw.recv(1) == b"":
+                        break
+                except TimeoutError:
+                    continue
+                except (ConnectionResetError, BrokenPipeError):
+                    break
+            elapsed = time.monotonic() - started
+    assert 0.4 < elapsed < 2, elapsed
+    assert sent > 3 if trickle else sent == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configuration errors
+
+
+def _config_error(spec) -> str:
+    with pytest.raises(ConfigError) as excinfo:
+        tls.build_server_context(spec, SOURCE)
+    message = str(excinfo.value)
+    assert message.startswith(f"{SOURCE}: ") and "\n" not in message, message
+    return message
+
+
+def test_missing_certificate_file(pems, tmp_path):
+    missing = str(tmp_path / "missing.pem")
+    message = _config_error(tls_spec([pems.default, (missing, pems.default[1])]))
+    assert "tls.certificates[1].cert" in message and missing in message
+
+
+def test_unreadable_key_file(pems, tmp_path):
+    # Tests may run as root, for whom no mode bit makes a file unreadable: a directory cannot be read either.
+    message = _config_error(tls_spec([(pems.default[0], str(tmp_path))]))
+    assert "tls.certificates[0].key" in message and str(tmp_path) in message
+
+
+def test_not_a_pem_certificate(pems, tmp_path):
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_bytes(b"this is not a certificate\n")
+    message = _config_error(tls_spec([(str(garbage), pems.default[1])]))
+    assert "tls.certificates[0].cert" in message and "not a PEM certificate" in message
+
+
+def test_key_that_does_not_match(pems):
+    message = _config_error(tls_spec([(pems.default[0], pems.wildcard[1])]))
+    assert "tls.certificates[0].key" in message and "does not match" in message
+
+
+def test_expired_certificate(pems, tmp_path):
+    expired = write_certificate(
+        str(tmp_path), "expired.example", ["expired.example"], days_from_now(-30), days_from_now(-1)
+    )
+    message = _config_error(tls_spec([pems.default, expired]))
+    assert "tls.certificates[1].cert" in message and "expired" in message
+
+
+def test_not_yet_valid_certificate(pems, tmp_path):
+    future = write_certificate(
+        str(tmp_path), "future.example", ["future.example"], days_from_now(1), days_from_now(30)
+    )
+    message = _config_error(tls_spec([future]))
+    assert "tls.certificates[0].cert" in message and "not valid before" in message
+
+
+def test_bad_cipher_string(pems):
+    message = _config_error(tls_spec([pems.default], ciphers="NOT-A-CIPHER:ALSO-NOT"))
+    assert "tls.ciphers" in message and "NOT-A-CIPHER" in message
+
+
+def test_bad_min_version(pems):
+    assert "tls.min_version" in _config_error(tls_spec([pems.default], min_version="1.1"))
+
+
+def test_no_certificates():
+    assert "tls.certificates" in _config_error(tls_spec([]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Facts
+
+
+def test_certificate_facts(pems):
+    facts = tls.certificate_facts(tls_spec([pems.default, pems.wildcard, pems.rsa]))
+    assert [name for name, _ in facts] == ["localhost", "*.wild.example", "rsa.example"]
+    in_90_days = time.time() + 90 * 86400
+    assert all(abs(not_after - in_90_days) < 2 * 86400 for _, not_after in facts)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Demo certificate
+
+
+def test_demo_certificate_is_generated_once_and_served(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cert_path, key_path, fingerprint = certs.ensure_demo_certificate()
+    assert os.path.dirname(cert_path) == str(tmp_path / "fastlb")
+    assert stat.S_IMODE(os.stat(key_path).st_mode) == 0o600
+
+    with open(cert_path, "rb") as f:
+        certificate = x509.load_pem_x509_certificate(f.read())
+    digest = certificate.fingerprint(hashes.SHA256()).hex().upper()
+    assert fingerprint == ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
+    assert isinstance(certificate.public_key(), ec.EllipticCurvePublicKey)
+    assert certificate.public_key().curve.name == "secp256r1"
+    san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "::1"]
+    assert certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+    eku = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [x509.ExtendedKeyUsageOID.SERVER_AUTH]
+    lifetime = certificate.not_valid_after_utc - certificate.not_valid_before_utc
+    assert lifetime == datetime.timedelta(days=365)
+
+    mtime = os.stat(cert_path).st_mtime_ns
+    assert certs.ensure_demo_certificate() == (cert_path, key_path, fingerprint)
+    assert os.stat(cert_path).st_mtime_ns == mtime
+
+    # And it serves: a client that trusts exactly this certificate connects to "localhost".
+    context = tls.build_server_context(tls_spec([(cert_path, key_path)]), SOURCE)
+    with forked_server(context) as (port, _):
+        client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        client.load_verify_locations(cert_path)
+        assert exchange(port, client, "localhost").version == "TLSv1.3"
+
+
+def test_demo_certificate_is_replaced_near_expiry(tmp_path):
+    old_cert, old_key = write_certificate(
+        str(tmp_path), "old", ["localhost"], days_from_now(-360), days_from_now(3)
+    )
+    os.replace(old_cert, tmp_path / certs.DEMO_CERT_FILE)
+    os.replace(old_key, tmp_path / certs.DEMO_KEY_FILE)
+    cert_path, _, fingerprint = certs.ensure_demo_certificate(str(tmp_path))
+    with open(cert_path, "rb") as f:
+        certificate = x509.load_pem_x509_certificate(f.read())
+    assert certificate.not_valid_after_utc > days_from_now(364)
+    assert certs.ensure_demo_certificate(str(tmp_path))[2] == fingerprint
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sslyze: a test dependency (for the pyproject [test] extra); deliberately no skip when it is missing.
+
+
+def test_sslyze_mozilla_intermediate_compliance(server, pems):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sslyze",
+            f"localhost:{server.port}{{127.0.0.1}}",
+            "--mozilla_config=intermediate",
+            "--certinfo_ca_file",
+            pems.ca,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"localhost:{server.port}: OK - Compliant." in done.stdout, done.stdout
