@@ -1,0 +1,450 @@
+"""The client side: one ClientConnection per accepted (plain or TLS) connection, one Exchange per request.
+
+Theory of operation, in the order a request travels:
+1. httptools (llhttp, strict) parses the head; `on_url`/`on_header` enforce the size limits as bytes
+   arrive (414, 431), so an oversized head is refused before it is buffered.
+2. `on_headers_complete` checks the version (505) and hands the parsed head to `core.request_head`, which
+   validates framing (400/501/417) and builds the upstream head with X-Forwarded-* in one pass.
+3. The router picks a route; the Exchange asks the backend's balancer for a server and takes an idle
+   pooled connection or opens one.  Body bytes stream to it (re-chunked when the client sent chunked).
+4. The upstream side (http/upstream.py) streams the response back; when both the request body and the
+   response are complete the next pipelined request, if any, starts (responses stay in request order).
+Errors that keep the connection (404, 502, 503, 504, 417) are answered as a normal response; framing
+errors answer and close, because after them the parser can no longer find the next request.
+"""
+
+import asyncio
+from collections import deque
+
+import httptools
+from httptools import HttpParserError, HttpParserUpgrade
+
+from fastlb import core
+from fastlb.http import upstream
+from fastlb.http.errors import error_response, redirect_response
+from fastlb.http.upstream import PAUSE_BODY, PAUSE_PIPELINE, PAUSE_UPGRADE
+
+_F_CHUNKED = core.F_CHUNKED
+_F_CONN_CLOSE = core.F_CONN_CLOSE
+_F_HAS_HOST = core.F_HAS_HOST
+_request_head = core.request_head
+
+# RFC 9110 §9.2.2: these may be replayed after a failure without changing the outcome.
+_IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
+_CHUNK_END = b"0\r\n\r\n"
+# Body bytes held per exchange while its upstream connection is being opened; past this the client
+# is paused, so memory per connection stays bounded whatever the body size.
+_BODY_BUFFER_CAP = 64 * 1024
+
+# What the connection's deadline means when it passes.
+_IDLE, _HEADER = 1, 2
+
+
+class _Reject(Exception):
+    """Raised inside a parser callback to answer `status` and close."""
+
+    def __init__(self, status: int):
+        self.status = status
+
+
+class _Answered(Exception):
+    """Raised inside a parser callback after fastlb has answered itself; the connection then closes."""
+
+
+class Exchange:
+    """One request and its response, from the request head to the last response byte."""
+
+    __slots__ = (
+        "client", "method", "head", "flags", "request_id", "route", "backend", "keep_alive", "chunk_ok",
+        "is_head", "server", "pending_server", "tried", "upstream", "body", "body_size", "body_sent",
+        "body_done", "response_state", "local",
+    )
+
+    def __init__(self, client, method, head, flags, request_id, route, keep_alive, chunk_ok):
+        self.client = client
+        self.method = method
+        self.head = head
+        self.flags = flags
+        self.request_id = request_id
+        self.route = route
+        self.backend = route.backend if route is not None else None
+        self.keep_alive = keep_alive
+        self.chunk_ok = chunk_ok
+        self.is_head = method == b"HEAD"
+        self.server = None
+        self.pending_server = None
+        self.tried = ()
+        self.upstream = None
+        self.body = None          # framed body bytes waiting for an upstream connection
+        self.body_size = 0
+        self.body_sent = False    # some body bytes left for a backend: no replay possible
+        self.body_done = False
+        self.response_state = 0   # 0 nothing sent to the client, 1 head sent, 2 complete
+        self.local = 0            # status of a response fastlb answers itself
+
+    def start(self) -> None:
+        if self.local:
+            self.respond_local(self.local)
+        elif self.backend is None:
+            self.respond_local(404)
+        else:
+            self.try_next()
+
+    def try_next(self) -> None:
+        server = self.backend.balancer.pick(self.tried)
+        if server is None:
+            # Nothing tried yet means nothing was available (DESIGN: 503); otherwise every candidate
+            # failed to connect (502).
+            self.respond_local(502 if self.tried else 503)
+            return
+        self.tried += (server,)
+        self.server = server
+        server.active += 1
+        conn = upstream.take_idle(server)
+        if conn is not None:
+            conn.attach(self, reused=True)
+        else:
+            self.pending_server = server
+            upstream.connect(self.client.worker, server, self)
+
+    def upstream_failed(self, server, kind: str, sent: bool) -> None:
+        """The attempt on server failed before any response byte reached the client."""
+        server.active -= 1
+        self.server = None
+        self.upstream = None
+        self.pending_server = None
+        client = self.client
+        if client.closed:
+            return
+        retry = not sent or (kind != "timeout" and not self.body_sent and self.method in _IDEMPOTENT)
+        if retry and len(self.tried) <= self.backend.spec.retries:
+            self.try_next()
+        else:
+            self.respond_local(504 if kind == "timeout" else 502)
+
+    def feed_body(self, data: bytes) -> None:
+        if self.flags & _F_CHUNKED:
+            # Re-chunk: extensions and the sender's chunk sizes are dropped (one framing, ours).
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        conn = self.upstream
+        if conn is not None:
+            self.body_sent = True
+            conn.transport.write(data)
+        elif self.response_state == 0 and not self.local:
+            if self.body is None:
+                self.body = [data]
+            else:
+                self.body.append(data)
+            self.body_size += len(data)
+            if self.body_size > _BODY_BUFFER_CAP:
+                self.client.pause(PAUSE_BODY)
+        # else: the answer is already decided (local error, or the backend answered early): discard.
+
+    def body_complete(self) -> None:
+        self.body_done = True
+        if self.flags & _F_CHUNKED:
+            # Trailers are dropped: the terminator is ours (RFC 9112 §7.1.2 lets a proxy discard them).
+            self.feed_body_raw(_CHUNK_END)
+        if self.response_state == 2:
+            self.client.exchange_done(self)
+
+    def feed_body_raw(self, data: bytes) -> None:
+        conn = self.upstream
+        if conn is not None:
+            conn.transport.write(data)
+        elif self.response_state == 0 and not self.local:
+            if self.body is None:
+                self.body = [data]
+            else:
+                self.body.append(data)
+
+    def respond_local(self, status: int) -> None:
+        client = self.client
+        self.local = status
+        close = not self.keep_alive or client.worker.draining
+        client.transport.write(error_response(status, self.request_id, client.worker.date, close))
+        if close:
+            self.keep_alive = False
+        self.body = None
+        self.response_done()
+
+    def response_done(self) -> None:
+        self.response_state = 2
+        server = self.server
+        if server is not None:
+            server.active -= 1
+            self.server = None
+        if self.body_done:
+            self.client.exchange_done(self)
+        elif self.upstream is not None:
+            # The backend answered before reading the whole body; that connection can't be reused.
+            self.upstream.transport.close()
+            self.upstream = None
+
+
+class ClientConnection(asyncio.Protocol):
+    __slots__ = (
+        "worker", "listener", "transport", "parser", "client_ip", "trust_xff", "url", "headers",
+        "head_size", "incoming", "active", "queue", "paused", "write_paused", "deadline", "deadline_kind",
+        "closed", "held", "tunnel",
+    )
+
+    def __init__(self, worker, listener):
+        self.worker = worker
+        self.listener = listener
+        self.transport = None
+        self.parser = None
+        self.client_ip = b""
+        self.trust_xff = False
+        self.url = b""
+        self.headers = None
+        self.head_size = 0
+        self.incoming = None      # the exchange whose request is being read
+        self.active = None        # the exchange whose response is being written
+        self.queue = None         # pipelined exchanges waiting for `active` to finish
+        self.paused = 0           # PAUSE_* reasons reading is paused for
+        self.write_paused = False
+        self.deadline = 0.0
+        self.deadline_kind = 0
+        self.closed = False
+        self.held = None          # bytes after an Upgrade request, held until the backend answers
+        self.tunnel = None
+
+    # -- connection lifecycle -------------------------------------------------------------------
+    def connection_made(self, transport):
+        self.transport = transport
+        worker = self.worker
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.client_ip = peer[0].encode()
+            self.trust_xff = worker.is_trusted(peer[0])
+        self.parser = httptools.HttpRequestParser(self)
+        self.deadline = worker.now + worker.limits.header_timeout
+        self.deadline_kind = _HEADER
+        worker.connections.add(self)
+
+    def data_received(self, data):
+        if self.tunnel is not None:
+            self.tunnel.transport.write(data)
+            return
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            self._hold_after_upgrade(data[exc.args[0]:])
+        except HttpParserError as exc:
+            self._parse_error(exc)
+
+    def _parse_error(self, exc: HttpParserError) -> None:
+        if self.closed:
+            return
+        cause = exc.__context__
+        if isinstance(cause, _Answered):
+            self.close()
+            return
+        if isinstance(cause, _Reject):
+            status = cause.status
+        elif cause is not None and not isinstance(cause, upstream._Desync):
+            self.worker.log.exception("bug while parsing a request", exc_info=cause)
+            status = 500
+        else:
+            status = 400
+        self.fail(status)
+
+    def fail(self, status: int) -> None:
+        """Answer a request that can't be framed, then close (the byte stream can't be trusted)."""
+        if self.active is None or self.active.response_state == 0:
+            worker = self.worker
+            self.transport.write(error_response(status, worker.next_request_id(), worker.date, True))
+        self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.closed = True
+        self.transport.abort()
+
+    def connection_lost(self, exc):
+        self.closed = True
+        self.worker.connections.discard(self)
+        if self.tunnel is not None:
+            conn, self.tunnel = self.tunnel, None
+            conn.tunnel = None
+            conn.transport.close()
+        for ex in (self.active, self.incoming):
+            if ex is not None:
+                if ex.server is not None:
+                    ex.server.active -= 1
+                    ex.server = None
+                if ex.upstream is not None:
+                    ex.upstream.ex = None
+                    ex.upstream.transport.abort()
+                    ex.upstream = None
+        self.active = self.incoming = self.queue = None
+
+    def pause_writing(self):
+        self.write_paused = True
+        ex = self.active
+        if ex is not None and ex.upstream is not None:
+            ex.upstream.transport.pause_reading()
+        elif self.tunnel is not None:
+            self.tunnel.transport.pause_reading()
+
+    def resume_writing(self):
+        self.write_paused = False
+        ex = self.active
+        if ex is not None and ex.upstream is not None:
+            ex.upstream.transport.resume_reading()
+        elif self.tunnel is not None:
+            self.tunnel.transport.resume_reading()
+
+    def pause(self, reason: int) -> None:
+        if not self.paused and not self.closed:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def resume(self, reason: int) -> None:
+        if self.paused & reason:
+            self.paused &= ~reason
+            if not self.paused and not self.closed:
+                self.transport.resume_reading()
+
+    def on_deadline(self) -> None:
+        if self.deadline_kind == _HEADER:
+            self.fail(408)
+        else:
+            self.close()
+
+    # -- httptools callbacks, in the order they fire --------------------------------------------
+    def on_message_begin(self):
+        self.url = b""
+        self.headers = []
+        self.head_size = 0
+        if self.deadline_kind != _HEADER:
+            # header_timeout is a total deadline for the head, counted from its first byte.
+            self.deadline = self.worker.now + self.worker.limits.header_timeout
+            self.deadline_kind = _HEADER
+
+    def on_url(self, url):
+        url = self.url + url
+        if len(url) > self.worker.limits.max_request_line:
+            raise _Reject(414)
+        self.url = url
+
+    def on_header(self, name, value):
+        self.head_size += len(name) + len(value) + 4
+        headers = self.headers
+        limits = self.worker.limits
+        if headers is None:
+            # Trailer fields of a chunked body (RFC 9112 §7.1.2): dropped, but still bounded.
+            if self.head_size > limits.max_header_bytes:
+                raise _Reject(431)
+            return
+        headers.append((name, value))
+        if self.head_size > limits.max_header_bytes or len(headers) > limits.max_headers:
+            raise _Reject(431)
+
+    def on_headers_complete(self):
+        parser = self.parser
+        worker = self.worker
+        version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            raise _Reject(505)
+        method = parser.get_method()
+        listener = self.listener
+        err, flags, host, request_id, head = _request_head(
+            method, self.url, self.headers, self.client_ip, listener.proto, listener.port,
+            self.trust_xff, worker.next_request_id(),
+        )
+        self.headers = None
+        if err:
+            if err == 417:
+                local = 417
+            else:
+                raise _Reject(err)
+        else:
+            local = 0
+        chunk_ok = version == "1.1"
+        if not flags & _F_HAS_HOST:
+            if chunk_ok:
+                raise _Reject(400)  # RFC 9112 §3.2: a 1.1 request without Host is invalid
+            # We speak HTTP/1.1 upstream, which requires Host: name the authority the client reached.
+            line_end = head.index(b"\r\n") + 2
+            head = b"%sHost: %s\r\n%s" % (head[:line_end], listener.authority, head[line_end:])
+        if method == b"CONNECT":
+            raise _Reject(405)  # a load balancer is not a forward proxy
+        if listener.redirect_to_https:
+            self.transport.write(redirect_response(
+                listener.https_location(host, self.url), request_id, worker.date, True))
+            raise _Answered()
+        route = worker.router.match(host, self.url)
+        # HTTP/1.0 clients are closed after the response (RFC 9112 §9.3): no guessing at 1.0 keep-alive.
+        keep_alive = chunk_ok and not flags & _F_CONN_CLOSE and not worker.draining
+        ex = Exchange(self, method, head, flags, request_id, route, keep_alive, chunk_ok)
+        ex.local = local
+        self.deadline_kind = 0
+        self.incoming = ex
+        if self.active is None:
+            self.active = ex
+            ex.start()
+        else:
+            if self.queue is None:
+                self.queue = deque()
+            self.queue.append(ex)
+            self.pause(PAUSE_PIPELINE)
+
+    def on_body(self, body):
+        self.incoming.feed_body(body)
+
+    def on_message_complete(self):
+        ex = self.incoming
+        self.incoming = None
+        ex.body_complete()
+
+    # -- the end of an exchange ------------------------------------------------------------------
+    def exchange_done(self, ex) -> None:
+        if self.active is not ex:
+            return
+        if not ex.keep_alive or self.closed:
+            self.close()
+            return
+        queue = self.queue
+        if queue:
+            self.active = nxt = queue.popleft()
+            if not queue:
+                self.resume(PAUSE_PIPELINE)
+            nxt.start()
+            return
+        self.active = None
+        if self.worker.draining:
+            self.close()
+            return
+        if self.incoming is None:
+            self.deadline = self.worker.now + self.worker.limits.idle_timeout
+            self.deadline_kind = _IDLE
+        held = self.held
+        if held is not None:
+            self.held = None
+            self.resume(PAUSE_UPGRADE)
+            self.data_received(held)
+
+    # -- Upgrade (RFC 9110 §7.8) -----------------------------------------------------------------
+    def _hold_after_upgrade(self, rest: bytes) -> None:
+        """llhttp stops after an Upgrade request; what follows is tunnel data only if the backend says 101."""
+        self.held = rest
+        self.pause(PAUSE_UPGRADE)
+
+    def start_tunnel(self, ex, conn) -> None:
+        self.tunnel = conn
+        self.active = None
+        self.deadline_kind = 0
+        if ex.server is not None:
+            ex.server.active -= 1
+            ex.server = None
+        held, self.held = self.held, None
+        if held:
+            conn.transport.write(held)
+        self.resume(PAUSE_UPGRADE)
+

@@ -1,0 +1,112 @@
+"""Host and path routing with Kubernetes Ingress semantics, compiled into dicts at config load.
+
+Theory of operation: the host picks a path table (exact name ▸ one-label wildcard ▸ any host); within a
+table an exact path is one dict lookup and a prefix match walks the request path's segment boundaries
+from the longest down, so the cost of a match depends on the path's depth, never on the number of
+routes.  When the chosen host's table has no matching path the next less specific host table is tried,
+then `default_backend`; with none of those the answer is 404.
+"""
+
+from typing import Any
+
+
+class Route:
+    __slots__ = ("index", "name", "backend")
+
+    def __init__(self, index: int, name: str, backend: Any):
+        self.index = index
+        self.name = name
+        self.backend = backend
+
+
+class _PathTable:
+    __slots__ = ("exact", "prefix")
+
+    def __init__(self):
+        self.exact: dict[bytes, Route] = {}
+        self.prefix: dict[bytes, Route] = {}
+
+    def add(self, path: bytes, match: str, route: Route) -> None:
+        if match == "exact":
+            self.exact.setdefault(path, route)
+        else:
+            # Ingress: a trailing slash on a Prefix path is ignored ("/foo/" and "/foo" are the same
+            # rule) and "/" matches every path; store both without the slash, "/" as b"".
+            self.prefix.setdefault(path.rstrip(b"/"), route)
+
+    def match(self, path: bytes) -> Route | None:
+        route = self.exact.get(path)
+        if route is not None:
+            # An exact hit covers the whole path: no prefix can be longer, and on a tie exact wins.
+            return route
+        prefix = self.prefix
+        if not prefix:
+            return None
+        p = path.rstrip(b"/")
+        while True:
+            route = prefix.get(p)
+            if route is not None:
+                return route
+            cut = p.rfind(b"/")
+            if cut < 0:
+                return None
+            p = p[:cut]
+
+
+class Router:
+    """Maps (Host header, path) to a Route; built once per config generation."""
+
+    __slots__ = ("_exact", "_wildcard", "_any", "_default")
+
+    def __init__(self, routes, default_backend: Any | None, backends: dict[str, Any]):
+        self._exact: dict[bytes, _PathTable] = {}
+        self._wildcard: dict[bytes, _PathTable] = {}
+        self._any: _PathTable | None = None
+        for i, spec in enumerate(routes):
+            route = Route(i, f"{spec.host or '*'}{spec.path}", backends[spec.backend])
+            if spec.host is None:
+                if self._any is None:
+                    self._any = _PathTable()
+                table = self._any
+            elif spec.host.startswith("*."):
+                table = self._wildcard.setdefault(spec.host[2:].encode(), _PathTable())
+            else:
+                table = self._exact.setdefault(spec.host.encode(), _PathTable())
+            table.add(spec.path.encode(), spec.match, route)
+        self._default = (
+            Route(len(routes), "default", backends[default_backend]) if default_backend else None
+        )
+
+    def match(self, host: bytes | None, target: bytes) -> Route | None:
+        q = target.find(b"?")
+        path = target if q < 0 else target[:q]
+        if host:
+            host = _host_name(host)
+            table = self._exact.get(host)
+            if table is not None:
+                route = table.match(path)
+                if route is not None:
+                    return route
+            dot = host.find(b".")
+            if dot > 0:
+                table = self._wildcard.get(host[dot + 1:])
+                if table is not None:
+                    route = table.match(path)
+                    if route is not None:
+                        return route
+        if self._any is not None:
+            route = self._any.match(path)
+            if route is not None:
+                return route
+        return self._default
+
+
+def _host_name(host: bytes) -> bytes:
+    """Lower-cased host without port or trailing dot (RFC 9110 §4.2.3: host names are case-insensitive)."""
+    if host.startswith(b"["):
+        end = host.find(b"]")
+        return host[: end + 1].lower() if end > 0 else host.lower()
+    colon = host.find(b":")
+    if colon >= 0:
+        host = host[:colon]
+    return host.rstrip(b".").lower()

@@ -1,0 +1,363 @@
+"""The master: holds the listening sockets, forks workers and the control process, handles signals.
+
+It runs no event loop (as gunicorn's arbiter): signal handlers only append to a queue and wake the main
+loop through a self-pipe; the loop dispatches to `handle_<signal>()`, reaps children, respawns crashed
+ones with back-off and kills workers whose heartbeat in shared memory went stale.  A child that fails
+while booting exits with BOOT_ERROR, and the master then stops everything and exits non-zero with the
+child's reason instead of respawning it forever.
+"""
+
+import errno
+import logging
+import os
+import select
+import signal
+import sys
+import time
+import traceback
+
+from fastlb.net.sockets import open_listener
+from fastlb.process import shm as shm_mod
+
+BOOT_ERROR = 3
+MAX_SLOTS = 256            # shared-memory records: workers of every generation + control
+_RESPAWN_WINDOW = 30.0     # a slot dying this often within the window is respawned with back-off
+_RESPAWN_BURST = 5
+_SIGNALS = {
+    signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGQUIT: "quit", signal.SIGHUP: "hup",
+    signal.SIGCHLD: "chld", signal.SIGUSR1: "usr1",
+}
+
+
+class _Child:
+    __slots__ = ("pid", "kind", "slot", "generation", "started", "stopping")
+
+    def __init__(self, pid, kind, slot, generation):
+        self.pid = pid
+        self.kind = kind          # "worker" | "control"
+        self.slot = slot
+        self.generation = generation
+        self.started = time.monotonic()
+        self.stopping = False
+
+
+class Master:
+    def __init__(self, cfg, reload_config, demo: bool = False, log: logging.Logger | None = None):
+        self.cfg = cfg
+        self.reload_config = reload_config   # () -> Config, raises ConfigError
+        self.demo = demo
+        self.log = log or logging.getLogger("fastlb")
+        self.children: dict[int, _Child] = {}
+        self.generation = 0
+        self.sockets: dict[tuple, list] = {}   # (address, tls) -> one socket per slot
+        self.admin_socket = None
+        self.demo_sockets = []   # held here so a reloaded control process can serve them at once
+        self.contexts = {}
+        self.signals: list[int] = []
+        self.deaths: dict[int, list[float]] = {}
+        self.pending_spawns: list[tuple[float, str, int]] = []
+        self.stopping = None          # None | "graceful" | "fast"
+        self.stop_deadline = 0.0
+        self.exit_code = 0
+        self.shm = shm_mod.SharedBlock(MAX_SLOTS)
+        self.pid_file = None
+
+    # -- setup --------------------------------------------------------------------------------------
+    def _workers(self, cfg) -> int:
+        return cfg.workers_effective()
+
+    def _open_sockets(self, cfg) -> dict:
+        """Sockets for cfg's listeners, reusing those already open for the same address and slot."""
+        wanted = {}
+        for spec in cfg.listeners:
+            key = (str(spec.address), spec.tls)
+            count = self._workers(cfg)
+            socks = self.sockets.get(key, [])[:count]
+            while len(socks) < count:
+                socks = socks + [open_listener(spec.address)]
+            wanted[key] = socks
+        return wanted
+
+    def _build_contexts(self, cfg) -> dict:
+        """SSLContexts built here, before fork, so all workers share one session-ticket key."""
+        if not any(spec.tls for spec in cfg.listeners):
+            return {}
+        from fastlb.net.tls import build_server_context
+
+        ctx = build_server_context(cfg.tls, cfg.source or "environment")
+        return {i: ctx for i, spec in enumerate(cfg.listeners) if spec.tls}
+
+    def _slot_sockets(self, cfg, slot: int):
+        return [(spec, self.sockets[(str(spec.address), spec.tls)][slot]) for spec in cfg.listeners]
+
+    # -- run ----------------------------------------------------------------------------------------
+    def run(self) -> int:
+        cfg = self.cfg
+        self.contexts = self._build_contexts(cfg)
+        self.sockets = self._open_sockets(cfg)
+        if cfg.admin.address is not None:
+            self.admin_socket = open_listener(cfg.admin.address, reuseport=False)
+        if self.demo:
+            from fastlb.demo import DEMO_SERVERS
+
+            self.demo_sockets = [(name, open_listener(addr, reuseport=False)) for name, addr in DEMO_SERVERS]
+        self._write_pid_file()
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        self._wake = (wake_r, wake_w)
+        signal.set_wakeup_fd(wake_w)
+        for signum in _SIGNALS:
+            signal.signal(signum, self._on_signal)
+        self._spawn("control", self._control_slot())
+        for slot in range(self._workers(cfg)):
+            self._spawn("worker", slot)
+        self._announce()
+        try:
+            self._loop()
+        finally:
+            self._cleanup()
+        return self.exit_code
+
+    def _control_slot(self) -> int:
+        return MAX_SLOTS - 1
+
+    def _announce(self) -> None:
+        deadline = time.monotonic() + 10
+        slots = [c.slot for c in self.children.values()]
+        while time.monotonic() < deadline and self.stopping is None:
+            states = [self.shm.read(s)[1] for s in slots]
+            if all(s == shm_mod.READY for s in states):
+                break
+            if any(s == shm_mod.FAILED for s in states):
+                return  # _loop reports it when the child exits
+            self._wait(0.02)
+            self._dispatch()
+        if self.stopping is not None:
+            return
+        for spec in self.cfg.listeners:
+            scheme = "https" if spec.tls else "http"
+            self.log.info("listening on %s://%s", scheme, spec.address)
+        self.log.info("ready: %d workers, pid %d", self._workers(self.cfg), os.getpid())
+        if self.demo:
+            from fastlb.demo import announce
+
+            announce(self.cfg)
+
+    def _on_signal(self, signum, frame):
+        self.signals.append(signum)
+
+    def _wait(self, timeout: float) -> None:
+        try:
+            select.select([self._wake[0]], [], [], timeout)
+        except InterruptedError:
+            pass
+        try:
+            while os.read(self._wake[0], 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _loop(self) -> None:
+        while True:
+            self._dispatch()
+            if self.stopping is not None and not self.children:
+                return
+            now = time.monotonic()
+            if self.stopping is not None and now > self.stop_deadline:
+                for child in self.children.values():
+                    self._kill(child.pid, signal.SIGKILL)
+            self._check_heartbeats(now)
+            self._run_pending_spawns(now)
+            self._wait(0.2)
+
+    def _dispatch(self) -> None:
+        self._reap()
+        while self.signals:
+            name = _SIGNALS[self.signals.pop(0)]
+            getattr(self, "handle_" + name)()
+
+    # -- signal handlers -----------------------------------------------------------------------------
+    def handle_term(self) -> None:
+        if self.stopping is None:
+            self.log.info("SIGTERM: graceful stop (up to %ss)", self.cfg.server.graceful_timeout)
+            self.stopping = "graceful"
+            self.stop_deadline = time.monotonic() + self.cfg.server.graceful_timeout + 2
+            for child in self.children.values():
+                self._kill(child.pid, signal.SIGTERM)
+
+    def handle_int(self) -> None:
+        self.handle_quit()
+
+    def handle_quit(self) -> None:
+        if self.stopping != "fast":
+            self.log.info("fast stop")
+            self.stopping = "fast"
+            self.stop_deadline = time.monotonic() + 3
+            for child in self.children.values():
+                self._kill(child.pid, signal.SIGQUIT)
+
+    def handle_chld(self) -> None:
+        self._reap()
+
+    def handle_usr1(self) -> None:
+        for child in self.children.values():
+            self._kill(child.pid, signal.SIGUSR1)
+
+    def handle_hup(self) -> None:
+        """Reload: re-read config and certificates; start a new generation on the same sockets."""
+        if self.stopping is not None:
+            return
+        try:
+            cfg = self.reload_config()
+            contexts = self._build_contexts(cfg)
+            sockets = self._open_sockets(cfg)
+        except Exception as exc:  # ConfigError, or an OSError binding a new listener
+            self.log.error("reload failed, keeping the running config: %s", exc)
+            return
+        for key, socks in self.sockets.items():
+            for i, sock in enumerate(socks):
+                if key not in sockets or i >= len(sockets[key]):
+                    sock.close()
+        self.cfg, self.contexts, self.sockets = cfg, contexts, sockets
+        old = list(self.children.values())
+        self.generation += 1
+        self._spawn("control", self._control_slot())
+        for slot in range(self._workers(cfg)):
+            self._spawn("worker", slot)
+        for child in old:
+            child.stopping = True
+            self._kill(child.pid, signal.SIGTERM)
+        self.log.info("reloaded: generation %d", self.generation)
+
+    # -- children ------------------------------------------------------------------------------------
+    def _spawn(self, kind: str, slot: int) -> None:
+        cfg = self.cfg
+        self.shm.reset(slot)
+        pid = os.fork()
+        if pid == 0:
+            os._exit(self._child_main(kind, slot, cfg))
+        self.children[pid] = _Child(pid, kind, slot, self.generation)
+
+    def _child_main(self, kind: str, slot: int, cfg) -> int:
+        master_pid = os.getppid()
+        signal.set_wakeup_fd(-1)
+        for signum in _SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+        # The master handles reload and log reopening; a child only reacts to what its parent sends.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        os.close(self._wake[0])
+        os.close(self._wake[1])
+        ready = False
+        try:
+            if kind == "worker":
+                from fastlb.process.worker import Worker
+
+                worker = Worker(cfg, slot, self._slot_sockets(cfg, slot), self.contexts, self.shm,
+                                master_pid, self.log)
+                return worker.run()
+            from fastlb.process.control import Control
+
+            return Control(cfg, self.admin_socket, self.demo_sockets, self.shm, slot, master_pid,
+                           self.log).run()
+        except BaseException as exc:  # noqa: BLE001 - whatever it is, the master must hear why
+            ready = self.shm.read(slot)[1] == shm_mod.READY
+            reason = "".join(traceback.format_exception_only(exc)).strip()
+            if not ready:
+                self.shm.set_state(slot, shm_mod.FAILED, reason)
+                print(f"fastlb: {kind} failed to boot: {reason}", file=sys.stderr, flush=True)
+                return BOOT_ERROR
+            traceback.print_exc()
+            return 1
+        finally:
+            sys.stderr.flush()
+
+    def _kill(self, pid: int, signum: int) -> None:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            child = self.children.pop(pid, None)
+            if child is not None:
+                self._child_exited(child, status)
+
+    def _child_exited(self, child: _Child, status: int) -> None:
+        code = os.waitstatus_to_exitcode(status)
+        if self.stopping is not None or child.stopping:
+            return
+        if code == BOOT_ERROR:
+            reason = self.shm.read(child.slot)[2]
+            self.log.error("%s (slot %d) failed to boot: %s; stopping", child.kind, child.slot, reason)
+            self.exit_code = BOOT_ERROR
+            self.handle_quit()
+            return
+        how = f"signal {-code}" if code < 0 else f"exit code {code}"
+        self.log.warning("%s %d (slot %d) died with %s; respawning", child.kind, child.pid, child.slot, how)
+        now = time.monotonic()
+        recent = [t for t in self.deaths.get(child.slot, []) if now - t < _RESPAWN_WINDOW] + [now]
+        self.deaths[child.slot] = recent
+        delay = 0.0 if len(recent) <= _RESPAWN_BURST else min(2.0 ** (len(recent) - _RESPAWN_BURST), 30.0)
+        self.pending_spawns.append((now + delay, child.kind, child.slot))
+
+    def _run_pending_spawns(self, now: float) -> None:
+        due = [p for p in self.pending_spawns if p[0] <= now]
+        if not due or self.stopping is not None:
+            return
+        self.pending_spawns = [p for p in self.pending_spawns if p[0] > now]
+        for _, kind, slot in due:
+            self._spawn(kind, slot)
+
+    def _check_heartbeats(self, now: float) -> None:
+        limit = self.cfg.server.heartbeat_timeout
+        for child in list(self.children.values()):
+            if child.stopping or child.generation != self.generation:
+                continue
+            beat, state, _ = self.shm.read(child.slot)
+            if state == shm_mod.READY and now - beat > limit:
+                self.log.error("%s %d (slot %d) missed its heartbeat for %.1fs; killing it",
+                               child.kind, child.pid, child.slot, now - beat)
+                self._kill(child.pid, signal.SIGKILL)
+
+    # -- files ---------------------------------------------------------------------------------------
+    def _write_pid_file(self) -> None:
+        path = self.cfg.server.pid_file or default_pid_file()
+        try:
+            with open(path + ".tmp", "w") as f:
+                f.write(f"{os.getpid()}\n")
+            os.replace(path + ".tmp", path)
+            self.pid_file = path
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EROFS, errno.ENOENT):
+                raise
+            self.log.warning("cannot write pid file %s: %s", path, exc)
+
+    def _cleanup(self) -> None:
+        if self.pid_file:
+            try:
+                os.unlink(self.pid_file)
+            except OSError:
+                pass
+        for socks in self.sockets.values():
+            for sock in socks:
+                sock.close()
+        if self.admin_socket is not None:
+            self.admin_socket.close()
+        for _, sock in self.demo_sockets:
+            sock.close()
+        self.log.info("stopped")
+
+
+def default_pid_file() -> str:
+    if os.geteuid() == 0:
+        return "/run/fastlb.pid"
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return os.path.join(runtime, "fastlb.pid") if runtime else f"/tmp/fastlb-{os.getuid()}.pid"

@@ -1,0 +1,36 @@
+"""The shared-memory block the master creates before forking (an anonymous MAP_SHARED mapping).
+
+Each process slot (workers 0..N-1, then the control process) owns one record that only it writes:
+a heartbeat timestamp, a boot state and, when booting failed, the reason.  The master only reads, so
+no lock is needed: an aligned 8-byte store is atomic on every platform Linux runs on.
+"""
+
+import mmap
+import struct
+import time
+
+_RECORD = struct.Struct("=dB247s")  # 256 bytes: heartbeat, state, boot failure reason (UTF-8)
+BOOTING, READY, FAILED = 0, 1, 2
+
+
+class SharedBlock:
+    def __init__(self, slots: int):
+        self.slots = slots
+        self._map = mmap.mmap(-1, _RECORD.size * slots)
+
+    def _offset(self, slot: int) -> int:
+        return slot * _RECORD.size
+
+    def reset(self, slot: int) -> None:
+        _RECORD.pack_into(self._map, self._offset(slot), time.monotonic(), BOOTING, b"")
+
+    def beat(self, slot: int) -> None:
+        struct.pack_into("=d", self._map, self._offset(slot), time.monotonic())
+
+    def set_state(self, slot: int, state: int, reason: str = "") -> None:
+        _RECORD.pack_into(self._map, self._offset(slot), time.monotonic(), state,
+                          reason.encode("utf-8", "replace")[:247])
+
+    def read(self, slot: int) -> tuple[float, int, str]:
+        beat, state, reason = _RECORD.unpack_from(self._map, self._offset(slot))
+        return beat, state, reason.rstrip(b"\0").decode("utf-8", "replace")

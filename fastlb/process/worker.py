@@ -1,0 +1,153 @@
+"""A worker: one uvloop event loop serving its slot's listening sockets until told to stop.
+
+The worker owns everything per-request: the router and backends built from the config it was forked
+with, the upstream pools, and the deadline sweep.  Deadlines (header, idle, response) are checked by one
+timer every TICK seconds instead of a timer per request, which keeps the per-request path free of
+TimerHandle allocations; a deadline may fire up to TICK late.
+"""
+
+import asyncio
+import ipaddress
+import logging
+import os
+import signal
+import time
+from email.utils import formatdate
+
+from fastlb.http.client import ClientConnection
+from fastlb.lb.backend import Backend
+from fastlb.lb.router import Router
+from fastlb.process import shm as shm_mod
+
+TICK = 0.25
+
+
+class ListenerInfo:
+    """What a connection needs to know about the listener that accepted it, pre-encoded."""
+
+    __slots__ = ("spec", "proto", "port", "authority", "redirect_to_https", "https_port")
+
+    def __init__(self, spec, https_port: int | None):
+        self.spec = spec
+        self.proto = b"https" if spec.tls else b"http"
+        self.port = str(spec.address.port).encode()
+        self.authority = str(spec.address).encode()
+        self.redirect_to_https = spec.redirect_to_https and not spec.tls
+        self.https_port = b"" if https_port in (None, 443) else b":%d" % https_port
+
+    def https_location(self, host: bytes | None, target: bytes) -> bytes:
+        name = (host or self.spec.address.host.encode())
+        if name.startswith(b"["):
+            name = name[: name.find(b"]") + 1]
+        else:
+            name = name.split(b":", 1)[0]
+        return b"https://" + name + self.https_port + target
+
+
+class Worker:
+    def __init__(self, cfg, slot: int, sockets, contexts, shm, master_pid: int, log: logging.Logger):
+        self.cfg = cfg
+        self.slot = slot
+        self.sockets = sockets          # [(ListenerSpec, socket)] for this slot
+        self.contexts = contexts        # {listener index: SSLContext}
+        self.shm = shm
+        self.master_pid = master_pid
+        self.log = log
+        self.limits = cfg.limits
+        self.backends = {name: Backend(spec) for name, spec in cfg.backends.items()}
+        self.router = Router(cfg.routes, cfg.default_backend, self.backends)
+        self._trusted = [ipaddress.ip_network(n, strict=False) for n in cfg.server.trusted_proxies]
+        self.connections: set[ClientConnection] = set()
+        self.awaiting: set = set()      # upstream connections waiting for a response head
+        self.draining = False
+        self.loop = None
+        self.servers = []
+        self.now = time.monotonic()
+        self._second = 0
+        self.date = b""
+        self._rid_prefix = os.urandom(6).hex().encode()
+        self._rid = 0
+        self._update_clock()
+
+    # -- per-request helpers ----------------------------------------------------------------------
+    def next_request_id(self) -> bytes:
+        self._rid += 1
+        return b"%s-%x" % (self._rid_prefix, self._rid)
+
+    def is_trusted(self, ip: str) -> bool:
+        if not self._trusted:
+            return False
+        addr = ipaddress.ip_address(ip)
+        return any(addr in net for net in self._trusted)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def run(self) -> int:
+        import uvloop  # imported here: the master runs no event loop and must not need it to boot
+
+        self.loop = loop = uvloop.new_event_loop()
+        asyncio.set_event_loop(loop)
+        https_port = next((s.address.port for s in self.cfg.listeners if s.tls), None)
+        for index, (spec, sock) in enumerate(self.sockets):
+            info = ListenerInfo(spec, https_port)
+            ctx = self.contexts.get(index)
+            server = loop.run_until_complete(loop.create_server(
+                lambda info=info: ClientConnection(self, info), sock=sock, ssl=ctx,
+                ssl_handshake_timeout=self.cfg.tls.handshake_timeout if ctx else None,
+                backlog=4096,
+            ))
+            self.servers.append(server)
+        loop.add_signal_handler(signal.SIGTERM, self.drain)
+        loop.add_signal_handler(signal.SIGINT, loop.stop)
+        loop.add_signal_handler(signal.SIGQUIT, loop.stop)
+        self._stop_at = None
+        loop.call_later(TICK, self._tick)
+        self.shm.set_state(self.slot, shm_mod.READY)
+        try:
+            loop.run_forever()
+        finally:
+            for conn in list(self.connections):
+                conn.transport.abort()
+        return 0
+
+    def drain(self) -> None:
+        """Graceful stop: stop accepting, finish what is in flight, close idle connections."""
+        if self.draining:
+            return
+        self.draining = True
+        self._stop_at = time.monotonic() + self.cfg.server.graceful_timeout
+        for server in self.servers:
+            server.close()
+        for conn in list(self.connections):
+            if conn.active is None and conn.incoming is None and conn.tunnel is None:
+                conn.close()
+
+    def _update_clock(self) -> None:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            # RFC 9110 §6.6.1: IMF-fixdate; refreshed once a second, not per response.
+            self.date = formatdate(now, usegmt=True).encode()
+
+    def _tick(self) -> None:
+        self.now = now = time.monotonic()
+        self._update_clock()
+        self.shm.beat(self.slot)
+        if os.getppid() != self.master_pid:
+            self.log.error("master is gone; worker %d exits", self.slot)
+            self.loop.stop()
+            return
+        for conn in [c for c in self.connections if c.deadline_kind and c.deadline < now]:
+            conn.on_deadline()
+        for conn in [c for c in self.awaiting if c.deadline < now]:
+            conn.timed_out()
+        for backend in self.backends.values():
+            timeout = backend.spec.idle_timeout
+            for server in backend.servers:
+                idle = server.idle
+                while idle and now - idle[0].idle_since > timeout:
+                    idle.pop(0).transport.close()
+        if self.draining and (not self.connections or now > self._stop_at):
+            self.loop.stop()
+            return
+        self.loop.call_later(TICK, self._tick)
