@@ -28,10 +28,13 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the load balancer")
     serve.add_argument("--config", "-c", help="TOML config file (or FASTLB_CONFIG)")
     serve.add_argument("--demo", action="store_true", help="serve three built-in demo backends")
+    serve.add_argument("--ingress", action="append", default=[], metavar="FILE",
+                       help="Kubernetes Ingress manifest to route from (repeatable; needs fastlb[k8s])")
     for flag, env, helptext in _SERVE_FLAGS:
         serve.add_argument(flag, dest=env, help=f"{helptext} [{env}]")
     check = sub.add_parser("check", help="validate a config file without serving")
     check.add_argument("config")
+    check.add_argument("--ingress", action="append", default=[], metavar="FILE")
     for name in ("reload", "stop"):
         cmd = sub.add_parser(name, help=f"{name} the running master (found through its pid file)")
         cmd.add_argument("--config", "-c", help="config file naming [server] pid_file")
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "check":
         try:
-            cfg = config.load(args.config, os.environ, {})
+            cfg = load_config(args.config, {}, args.ingress)
             if any(spec.tls for spec in cfg.listeners):
                 from fastlb.net.tls import build_server_context
 
@@ -70,17 +73,31 @@ def main(argv: list[str] | None = None) -> int:
     return _serve(args, config)
 
 
+def load_config(path, cli, ingress_files):
+    """The config from file, environment and flags, plus the routes of any Ingress manifests."""
+    from fastlb import config
+
+    cfg = config.load(path, os.environ, cli)
+    if ingress_files:
+        from fastlb.lb import ingress
+
+        cfg = ingress.apply(cfg, ingress_files)
+    return cfg
+
+
 def _serve(args, config) -> int:
     log = _setup_logging()
     cli = {env: getattr(args, env) for _, env, _ in _SERVE_FLAGS if getattr(args, env) is not None}
+    fingerprint = None
     if args.demo:
         from fastlb import demo
 
-        cli = {**demo.cli_settings(), **cli}
+        settings, fingerprint = demo.cli_settings()
+        cli = {**settings, **cli}
         log.info("demo mode: built-in backends on %s", ", ".join(str(a) for _, a in demo.DEMO_SERVERS))
 
     def load():
-        return config.load(args.config, os.environ, cli)
+        return load_config(args.config, cli, args.ingress)
 
     try:
         cfg = load()
@@ -90,7 +107,7 @@ def _serve(args, config) -> int:
     from fastlb.process.master import Master
 
     try:
-        return Master(cfg, load, demo=args.demo, log=log).run()
+        return Master(cfg, load, demo=fingerprint, log=log).run()
     except config.ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1

@@ -57,7 +57,7 @@ class Exchange:
     __slots__ = (
         "client", "method", "head", "flags", "request_id", "route", "backend", "keep_alive", "chunk_ok",
         "is_head", "server", "pending_server", "tried", "upstream", "body", "body_size", "body_sent",
-        "body_done", "response_state", "local",
+        "body_done", "response_state", "local", "key",
     )
 
     def __init__(self, client, method, head, flags, request_id, route, keep_alive, chunk_ok):
@@ -81,6 +81,7 @@ class Exchange:
         self.body_done = False
         self.response_state = 0   # 0 nothing sent to the client, 1 head sent, 2 complete
         self.local = 0            # status of a response fastlb answers itself
+        self.key = None           # hash key, for backends balanced by hash
 
     def start(self) -> None:
         if self.local:
@@ -91,7 +92,7 @@ class Exchange:
             self.try_next()
 
     def try_next(self) -> None:
-        server = self.backend.balancer.pick(self.tried)
+        server = self.backend.balancer.pick(self.tried, self.key)
         if server is None:
             # Nothing tried yet means nothing was available (DESIGN: 503); otherwise every candidate
             # failed to connect (502).
@@ -354,11 +355,12 @@ class ClientConnection(asyncio.Protocol):
             raise _Reject(505)
         method = parser.get_method()
         listener = self.listener
+        headers = self.headers
+        self.headers = None
         err, flags, host, request_id, head = _request_head(
-            method, self.url, self.headers, self.client_ip, listener.proto, listener.port,
+            method, self.url, headers, self.client_ip, listener.proto, listener.port,
             self.trust_xff, worker.next_request_id(),
         )
-        self.headers = None
         if err:
             if err == 417:
                 local = 417
@@ -384,6 +386,8 @@ class ClientConnection(asyncio.Protocol):
         keep_alive = chunk_ok and not flags & _F_CONN_CLOSE and not worker.draining
         ex = Exchange(self, method, head, flags, request_id, route, keep_alive, chunk_ok)
         ex.local = local
+        if route is not None and route.backend.hash_key is not None:
+            ex.key = route.backend.hash_key(headers, self.client_ip, self.url)
         self.deadline_kind = 0
         self.incoming = ex
         if self.active is None:

@@ -1,6 +1,6 @@
 """A worker's runtime view of backends and their servers (built from config at load, never per request)."""
 
-from fastlb.lb.balance import make_balancer
+from fastlb.lb.balance import hash_key_getter, make_balancer
 
 
 class Server:
@@ -21,10 +21,12 @@ class Server:
 
 
 class Backend:
-    __slots__ = ("name", "spec", "servers", "balancer")
+    __slots__ = ("name", "spec", "servers", "balancer", "hash_key")
 
     def __init__(self, spec):
         self.name = spec.name
         self.spec = spec
         self.servers = [Server(self, i, s) for i, s in enumerate(spec.servers)]
         self.balancer = make_balancer(spec.balance, self.servers)
+        # (headers, client_ip, target) -> bytes | None, only for `balance = "hash"`
+        self.hash_key = hash_key_getter(spec.hash_on) if spec.balance == "hash" else None

@@ -1,0 +1,128 @@
+"""Kubernetes `networking.k8s.io/v1` Ingress manifests turned into fastlb routes and backends.
+
+Service names resolve to servers through the config's `[services]` map (name -> addresses): fastlb
+does not talk to the Kubernetes API.  A TLS secret is read from `<manifest dir>/<secretName>/tls.crt`
+and `tls.key`, the layout a mounted `kubernetes.io/tls` Secret has.  `pathType: ImplementationSpecific`
+is treated as Prefix.  Any field fastlb does not implement is an error naming it, never ignored.
+"""
+
+import dataclasses
+import os
+
+from fastlb.config import BackendSpec, CertSpec, ConfigError, RouteSpec, ServerSpec
+
+_PATH_TYPES = {"Exact": "exact", "Prefix": "prefix", "ImplementationSpecific": "prefix"}
+_SPEC_FIELDS = {"rules", "defaultBackend", "tls", "ingressClassName"}
+
+
+def apply(cfg, files: list[str]):
+    """cfg extended with the routes, backends and certificates of every Ingress in files."""
+    routes, backends, certs = list(cfg.routes), dict(cfg.backends), list(cfg.tls.certificates)
+    default = cfg.default_backend
+    for path in files:
+        for index, doc in enumerate(_documents(path)):
+            reader = _Reader(path, f"[{index}]", cfg, backends)
+            new_routes, new_default, new_certs = reader.ingress(doc)
+            routes.extend(new_routes)
+            certs.extend(new_certs)
+            if new_default is not None:
+                if default is not None:
+                    raise ConfigError(path, f"[{index}].spec.defaultBackend", "a default backend is already set")
+                default = new_default
+    return dataclasses.replace(
+        cfg, routes=tuple(routes), backends=backends, default_backend=default,
+        tls=dataclasses.replace(cfg.tls, certificates=tuple(certs)),
+    )
+
+
+def _documents(path: str) -> list:
+    try:
+        import yaml
+    except ImportError:
+        raise ConfigError(path, "-", "reading Ingress files needs PyYAML: pip install 'fastlb[k8s]'") from None
+    try:
+        with open(path) as f:
+            return [d for d in yaml.safe_load_all(f) if d is not None]
+    except OSError as exc:
+        raise ConfigError(path, "-", f"cannot read: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(path, "-", "invalid YAML: " + " ".join(str(exc).split())) from None
+
+
+class _Reader:
+    def __init__(self, path, prefix, cfg, backends):
+        self.path = path
+        self.prefix = prefix
+        self.cfg = cfg
+        self.backends = backends
+
+    def fail(self, key: str, reason: str):
+        return ConfigError(self.path, self.prefix + key, reason)
+
+    def table(self, value, key: str, allowed: set[str]) -> dict:
+        if not isinstance(value, dict):
+            raise self.fail(key, f"expected a mapping, got {type(value).__name__}")
+        for name in value:
+            if name not in allowed:
+                raise self.fail(f"{key}.{name}", "unsupported field")
+        return value
+
+    def ingress(self, doc):
+        doc = self.table(doc, "", {"apiVersion", "kind", "metadata", "spec", "status"})
+        if doc.get("apiVersion") != "networking.k8s.io/v1" or doc.get("kind") != "Ingress":
+            raise self.fail(".kind", "expected apiVersion networking.k8s.io/v1, kind Ingress")
+        spec = self.table(doc.get("spec") or {}, ".spec", _SPEC_FIELDS)
+        routes = []
+        for r, rule in enumerate(spec.get("rules") or []):
+            key = f".spec.rules[{r}]"
+            rule = self.table(rule, key, {"host", "http"})
+            host = rule.get("host")
+            if host is not None:
+                host = str(host).lower()
+                if "*" in host[1:] or (host.startswith("*") and not host.startswith("*.")):
+                    raise self.fail(f"{key}.host", f"invalid host {host!r}")
+            http = self.table(rule.get("http") or {}, f"{key}.http", {"paths"})
+            for p, item in enumerate(http.get("paths") or []):
+                pkey = f"{key}.http.paths[{p}]"
+                item = self.table(item, pkey, {"path", "pathType", "backend"})
+                kind = item.get("pathType")
+                if kind not in _PATH_TYPES:
+                    raise self.fail(f"{pkey}.pathType", "expected Exact, Prefix or ImplementationSpecific")
+                path = item.get("path", "/")
+                if not isinstance(path, str) or not path.startswith("/"):
+                    raise self.fail(f"{pkey}.path", "must start with /")
+                backend = self.backend(item.get("backend"), f"{pkey}.backend")
+                routes.append(RouteSpec(host=host, path=path, match=_PATH_TYPES[kind], backend=backend))
+        default = None
+        if "defaultBackend" in spec:
+            default = self.backend(spec["defaultBackend"], ".spec.defaultBackend")
+        certs = []
+        for t, entry in enumerate(spec.get("tls") or []):
+            key = f".spec.tls[{t}]"
+            entry = self.table(entry, key, {"hosts", "secretName"})
+            secret = entry.get("secretName")
+            if not isinstance(secret, str) or not secret:
+                raise self.fail(f"{key}.secretName", "required")
+            folder = os.path.join(os.path.dirname(os.path.abspath(self.path)), secret)
+            cert, key_file = os.path.join(folder, "tls.crt"), os.path.join(folder, "tls.key")
+            for name, file in (("tls.crt", cert), ("tls.key", key_file)):
+                if not os.access(file, os.R_OK):
+                    raise self.fail(f"{key}.secretName", f"cannot read {name} of secret {secret!r} at {file}")
+            certs.append(CertSpec(cert=cert, key=key_file))
+        return routes, default, certs
+
+    def backend(self, value, key: str) -> str:
+        value = self.table(value, key, {"service"})
+        service = self.table(value.get("service") or {}, f"{key}.service", {"name", "port"})
+        name = service.get("name")
+        if not isinstance(name, str) or not name:
+            raise self.fail(f"{key}.service.name", "required")
+        port = self.table(service.get("port") or {}, f"{key}.service.port", {"number", "name"})
+        addresses = self.cfg.services.get(name)
+        if not addresses:
+            raise self.fail(f"{key}.service.name", f"service {name!r} is not in [services]")
+        backend = f"{name}-{port.get('number') or port.get('name') or 'default'}"
+        if backend not in self.backends:
+            self.backends[backend] = BackendSpec(
+                name=backend, servers=tuple(ServerSpec(address=a, weight=1) for a in addresses))
+        return backend
