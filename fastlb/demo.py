@@ -6,14 +6,24 @@ from fastlb.config import Address
 
 DEMO_SERVERS = [(f"demo-{i}", Address("127.0.0.1", 18100 + i)) for i in (1, 2, 3)]
 LISTEN = "127.0.0.1:8080"
+TLS_LISTEN = "127.0.0.1:8443"
 
 
-def cli_settings() -> dict[str, str]:
-    """What --demo sets, below any flag the user gave explicitly (flags still win)."""
-    return {
+def cli_settings() -> tuple[dict[str, str], str]:
+    """What --demo sets, below any flag the user gave explicitly (flags still win), and the
+    self-signed certificate's SHA-256 fingerprint.  The certificate is kept in the user's cache
+    directory so a browser exception made once survives restarts."""
+    from fastlb.net.certs import ensure_demo_certificate
+
+    cert, key, fingerprint = ensure_demo_certificate()
+    settings = {
         "FASTLB_LISTEN": LISTEN,
+        "FASTLB_TLS_LISTEN": TLS_LISTEN,
+        "FASTLB_TLS_CERT": cert,
+        "FASTLB_TLS_KEY": key,
         "FASTLB_BACKENDS": ",".join(str(addr) for _, addr in DEMO_SERVERS),
     }
+    return settings, fingerprint
 
 
 def handler(name: str):
@@ -30,10 +40,12 @@ def handler(name: str):
     return handle
 
 
-def announce(cfg) -> None:
+def announce(cfg, fingerprint: str) -> None:
     for spec in cfg.listeners:
         scheme = "https" if spec.tls else "http"
         url = f"{scheme}://{spec.address}/"
+        insecure = "-k " if spec.tls else ""
         print(f"fastlb demo: {len(DEMO_SERVERS)} backends behind {url}", file=sys.stderr)
-        print(f"  try: for i in 1 2 3; do curl -s {url}; done", file=sys.stderr)
+        print(f"  try: for i in 1 2 3; do curl -s {insecure}{url}; done", file=sys.stderr)
+    print(f"  self-signed certificate, SHA-256 fingerprint {fingerprint}", file=sys.stderr)
     print("  stop with Ctrl-C", file=sys.stderr, flush=True)

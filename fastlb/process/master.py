@@ -42,7 +42,8 @@ class _Child:
 
 
 class Master:
-    def __init__(self, cfg, reload_config, demo: bool = False, log: logging.Logger | None = None):
+    def __init__(self, cfg, reload_config, demo: str | None = None, log: logging.Logger | None = None):
+        """demo: the demo certificate's fingerprint when serving --demo, else None."""
         self.cfg = cfg
         self.reload_config = reload_config   # () -> Config, raises ConfigError
         self.demo = demo
@@ -97,7 +98,7 @@ class Master:
         self.sockets = self._open_sockets(cfg)
         if cfg.admin.address is not None:
             self.admin_socket = open_listener(cfg.admin.address, reuseport=False)
-        if self.demo:
+        if self.demo is not None:
             from fastlb.demo import DEMO_SERVERS
 
             self.demo_sockets = [(name, open_listener(addr, reuseport=False)) for name, addr in DEMO_SERVERS]
@@ -139,10 +140,10 @@ class Master:
             scheme = "https" if spec.tls else "http"
             self.log.info("listening on %s://%s", scheme, spec.address)
         self.log.info("ready: %d workers, pid %d", self._workers(self.cfg), os.getpid())
-        if self.demo:
+        if self.demo is not None:
             from fastlb.demo import announce
 
-            announce(self.cfg)
+            announce(self.cfg, self.demo)
 
     def _on_signal(self, signum, frame):
         self.signals.append(signum)
