@@ -672,6 +672,7 @@ DEFAULT_CIPHERS = (
 
 DEFAULT_LISTEN = Address("0.0.0.0", 8080)
 
+FAIL_KINDS = ("connect", "timeout", "reset", "invalid")
 BALANCE_ALGORITHMS = ("roundrobin", "leastconn", "p2c", "hash", "random")
 
 
@@ -710,9 +711,14 @@ class BackendSpec:
     response_timeout: float = _setting(60.0, _Duration(), "time from request sent to response head")
     idle_timeout: float = _setting(60.0, _Duration(), "how long an idle upstream connection is kept")
     retries: int = _setting(2, _Int(0, 100), "other servers tried after a failed connect")
-    max_connections: int = _setting(0, _Int(0), "per-server connection cap; 0 = none")
+    max_connections: int = _setting(0, _Int(0), "per-server in-flight requests per worker; 0 = no cap")
+    max_queue: int = _setting(1000, _Int(0), "requests per worker waiting for a server under its cap")
+    queue_timeout: float = _setting(5.0, _Duration(), "how long a request may wait in that queue (503 after)")
     max_fails: int = _setting(3, _Int(0), "consecutive failures that eject a server; 0 = never")
-    fail_timeout: float = _setting(10.0, _Duration(), "how long an ejected server stays out")
+    fail_on: tuple[str, ...] = _setting(
+        FAIL_KINDS, _ListOf(_Choice(*FAIL_KINDS, "5xx")), "failures max_fails counts"
+    )
+    fail_timeout: float = _setting(10.0, _Duration(), "how long an ejected server stays out (doubles on repeats)")
     slow_start: float = _setting(0.0, _Duration(), "ramp-up time of a recovered server's weight")
 
 

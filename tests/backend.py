@@ -5,7 +5,9 @@ digest), so tests can compare what fastlb forwarded with what the client sent.  
 parser from fastlb's llhttp, which makes the comparison meaningful.
 
 Paths:  /status/NNN  answer NNN;  /sleep/SECONDS  answer after a delay;  /big/N[?mode=cl|chunked|close]
-stream N bytes;  anything else: a JSON echo of the request.
+stream N bytes;  /health  the status written in --health-file (200 without it);  anything else: a
+JSON echo of the request.  --close-after-response closes every connection right after its first
+response without saying so (the keep-alive race a proxy's pool must survive).
 """
 
 import argparse
@@ -21,9 +23,11 @@ CHUNK = 64 * 1024
 
 
 class Backend:
-    def __init__(self, name: str, log_path: str | None):
+    def __init__(self, name: str, log_path: str | None, health_file: str | None, close_after: bool):
         self.name = name
         self.log = open(log_path, "a", buffering=1) if log_path else None
+        self.health_file = health_file
+        self.close_after = close_after
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER)
@@ -56,6 +60,8 @@ class Backend:
                 if self.log:
                     self.log.write(json.dumps(record) + "\n")
                 await self._respond(conn, writer, event, record)
+                if self.close_after:
+                    break
                 if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                     break
                 conn.start_next_cycle()
@@ -82,6 +88,12 @@ class Backend:
         headers = [("X-Backend", self.name)]
         if parts[0] == "sleep" and len(parts) > 1:
             await asyncio.sleep(float(parts[1]))
+        if parts[0] == "health" and self.health_file:
+            try:
+                with open(self.health_file) as f:
+                    parts = ["status", f.read().strip() or "200"]
+            except FileNotFoundError:
+                parts = ["status", "200"]
         if parts[0] == "status" and len(parts) > 1:
             status = int(parts[1])
             body = b"" if status in (204, 304) else f"{self.name} {status}\n".encode()
@@ -136,8 +148,10 @@ async def main() -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--name", required=True)
     ap.add_argument("--log")
+    ap.add_argument("--health-file")
+    ap.add_argument("--close-after-response", action="store_true")
     args = ap.parse_args()
-    backend = Backend(args.name, args.log)
+    backend = Backend(args.name, args.log, args.health_file, args.close_after_response)
     server = await asyncio.start_server(backend.handle, args.host, args.port, reuse_address=True)
     print("ready", flush=True)
     sys.stdout.close()

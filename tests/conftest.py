@@ -36,16 +36,18 @@ def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None
 class Backend:
     """tests/backend.py in its own process; `records()` is every request it received."""
 
-    def __init__(self, tmp: Path, name: str, port: int | None = None):
+    def __init__(self, tmp: Path, name: str, port: int | None = None, args: tuple[str, ...] = ()):
         self.name = name
         self.port = port or free_port()
         self.log = tmp / f"backend-{name}-{self.port}.jsonl"
+        self.health_file = tmp / f"health-{name}-{self.port}"
+        self.args = args
         self.proc = None
 
     def start(self) -> "Backend":
         self.proc = subprocess.Popen(
             [sys.executable, str(HERE / "backend.py"), "--port", str(self.port), "--name", self.name,
-             "--log", str(self.log)],
+             "--log", str(self.log), "--health-file", str(self.health_file), *self.args],
             stdout=subprocess.PIPE,
         )
         assert self.proc.stdout.readline().strip() == b"ready"
@@ -59,6 +61,9 @@ class Backend:
         if not self.log.exists():
             return []
         return [json.loads(line) for line in self.log.read_text().splitlines() if line]
+
+    def set_health(self, status: int) -> None:
+        self.health_file.write_text(str(status))
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -135,8 +140,8 @@ class FastLB:
 def backends(tmp_path):
     started: list[Backend] = []
 
-    def make(*names: str) -> list[Backend]:
-        made = [Backend(tmp_path, name).start() for name in names]
+    def make(*names: str, args: tuple[str, ...] = ()) -> list[Backend]:
+        made = [Backend(tmp_path, name, args=args).start() for name in names]
         started.extend(made)
         return made
 

@@ -12,7 +12,8 @@ from fastlb.lb.backend import Backend
 
 def backend(weights, balance="roundrobin", hash_on="client_ip"):
     servers = tuple(ServerSpec(Address("127.0.0.1", 9000 + i), w) for i, w in enumerate(weights))
-    return Backend(BackendSpec(name="b", servers=servers, balance=balance, hash_on=hash_on))
+    return Backend(BackendSpec(name="b", servers=servers, balance=balance, hash_on=hash_on), 0,
+                   bytearray([1]) * len(servers))
 
 
 def names(picks):

@@ -57,7 +57,7 @@ class Exchange:
     __slots__ = (
         "client", "method", "head", "flags", "request_id", "route", "backend", "keep_alive", "chunk_ok",
         "is_head", "server", "pending_server", "tried", "upstream", "body", "body_size", "body_sent",
-        "body_done", "response_state", "local", "key",
+        "body_done", "response_state", "local", "key", "queued_at",
     )
 
     def __init__(self, client, method, head, flags, request_id, route, keep_alive, chunk_ok):
@@ -82,6 +82,7 @@ class Exchange:
         self.response_state = 0   # 0 nothing sent to the client, 1 head sent, 2 complete
         self.local = 0            # status of a response fastlb answers itself
         self.key = None           # hash key, for backends balanced by hash
+        self.queued_at = 0.0      # when it started waiting for a server under max_connections
 
     def start(self) -> None:
         if self.local:
@@ -92,29 +93,62 @@ class Exchange:
             self.try_next()
 
     def try_next(self) -> None:
-        server = self.backend.balancer.pick(self.tried, self.key)
+        backend = self.backend
+        server = backend.balancer.pick(self.tried, self.key)
         if server is None:
+            if not self.tried and backend.saturated() and len(backend.waiting) < backend.spec.max_queue:
+                # Every up server is at max_connections: wait for a slot (bounded, queue_timeout).
+                self.queued_at = self.client.worker.now
+                backend.waiting.append(self)
+                return
             # Nothing tried yet means nothing was available (DESIGN: 503); otherwise every candidate
             # failed to connect (502).
             self.respond_local(502 if self.tried else 503)
             return
         self.tried += (server,)
+        self.use(server, pooled=True)
+
+    def use(self, server, pooled: bool) -> None:
         self.server = server
         server.active += 1
-        conn = upstream.take_idle(server)
+        conn = upstream.take_idle(server) if pooled else None
         if conn is not None:
             conn.attach(self, reused=True)
         else:
             self.pending_server = server
             upstream.connect(self.client.worker, server, self)
 
-    def upstream_failed(self, server, kind: str, sent: bool) -> None:
-        """The attempt on server failed before any response byte reached the client."""
-        server.active -= 1
+    def release_server(self) -> None:
+        """The attempt on self.server is over: free its slot, and give it to a waiting request."""
+        server = self.server
+        if server is None:
+            return
         self.server = None
+        server.active -= 1
+        waiting = server.backend.waiting
+        while waiting:
+            ex = waiting.popleft()
+            if not ex.client.closed:
+                ex.try_next()
+                break
+
+    def upstream_failed(self, server, kind: str, sent: bool, stale: bool = False) -> None:
+        """The attempt on server failed before any response byte reached the client.
+
+        stale: a pooled connection closed before answering, the keep-alive race of RFC 9112 §9.3.1
+        (the server timed it out as we reused it).  Not the server's fault: an idempotent request is
+        replayed on a fresh connection to the same server, once.
+        """
+        client = self.client
+        self.release_server()
         self.upstream = None
         self.pending_server = None
-        client = self.client
+        if stale and not client.closed and not self.body_sent and self.method in _IDEMPOTENT:
+            self.use(server, pooled=False)
+            return
+        if server.failed(kind, client.worker.now):
+            client.worker.log.warning("%s/%s ejected after %d consecutive failures (last: %s)",
+                                      server.backend.name, server.name, server.backend.spec.max_fails, kind)
         if client.closed:
             return
         retry = not sent or (kind != "timeout" and not self.body_sent and self.method in _IDEMPOTENT)
@@ -171,10 +205,7 @@ class Exchange:
 
     def response_done(self) -> None:
         self.response_state = 2
-        server = self.server
-        if server is not None:
-            server.active -= 1
-            self.server = None
+        self.release_server()
         if self.body_done:
             self.client.exchange_done(self)
         elif self.upstream is not None:
@@ -276,9 +307,7 @@ class ClientConnection(asyncio.Protocol):
             conn.transport.close()
         for ex in (self.active, self.incoming):
             if ex is not None:
-                if ex.server is not None:
-                    ex.server.active -= 1
-                    ex.server = None
+                ex.release_server()
                 if ex.upstream is not None:
                     ex.upstream.ex = None
                     ex.upstream.transport.abort()
@@ -444,9 +473,7 @@ class ClientConnection(asyncio.Protocol):
         self.tunnel = conn
         self.active = None
         self.deadline_kind = 0
-        if ex.server is not None:
-            ex.server.active -= 1
-            ex.server = None
+        ex.release_server()
         held, self.held = self.held, None
         if held:
             conn.transport.write(held)

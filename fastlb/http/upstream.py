@@ -121,7 +121,8 @@ class UpstreamConnection(asyncio.Protocol):
         if ex.response_state == 0:
             # A pooled connection the server closed just as we reused it is the classic keep-alive
             # race (RFC 9112 §9.3.1); Exchange.upstream_failed replays idempotent requests only.
-            ex.upstream_failed(self.server, "invalid" if self.got_bytes else "reset", sent=True)
+            ex.upstream_failed(self.server, "invalid" if self.got_bytes else "reset", sent=True,
+                               stale=self.reused and not self.got_bytes)
         elif self.until_close and not self.complete:
             # A close-delimited body ends at EOF (RFC 9112 §6.3 item 8).
             client = ex.client
@@ -174,6 +175,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.interim = False
         if status == 101 and not ex.flags & _F_UPGRADE:
             raise _Desync()
+        server = self.server
+        if status >= 500 and server.failed("5xx", self.worker.now):
+            self.worker.log.warning("%s/%s ejected after %d consecutive 5xx responses",
+                                    server.backend.name, server.name, server.backend.spec.max_fails)
+        elif status < 500:
+            server.fails = 0
         worker = self.worker
         worker.awaiting.discard(self)
         close = not ex.keep_alive or worker.draining

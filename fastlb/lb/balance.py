@@ -5,7 +5,7 @@
 `exclude` holds the servers this request already tried, so a retry falls through to the next
 candidate instead of the same one (Pingora's selection iterators, HAProxy's redispatch).  `key` is the
 request's hash key (only the `hash` algorithm uses it).  Servers that are down or have weight 0 are
-never picked.  Everything is per worker: no shared state, so no locks.
+never picked, nor are servers at their `max_connections` cap.  Everything is per worker: no shared state, so no locks.
 """
 
 import random
@@ -14,7 +14,7 @@ from fastlb import core
 
 
 def _usable(server, exclude) -> bool:
-    return server.weight > 0 and server.up and server not in exclude
+    return server.weight > 0 and server.active < server.cap and server.up and server not in exclude
 
 
 class SmoothRoundRobin:

@@ -1,4 +1,4 @@
-"""The control process: the admin listener and, with --demo, the demo backends.
+"""The control process: active health checks, the admin listener and, with --demo, the demo backends.
 
 One control process per host (not one per worker): it is where host-wide work lives.  It serves on
 sockets the master opened and holds, so a respawned or reloaded control process binds nothing itself.
@@ -13,6 +13,7 @@ import orjson
 
 from fastlb import __version__, core
 from fastlb.http.tiny import serve
+from fastlb.lb.health import HealthChecker
 from fastlb.process import shm as shm_mod
 
 TICK = 0.5
@@ -43,6 +44,8 @@ class Control:
 
             for name, sock in self.demo_sockets:
                 servers.append(loop.run_until_complete(serve(loop, sock, handler(name))))
+        self.health = HealthChecker(self.cfg, self.shm.states, self.log)
+        self.health.start(loop)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             loop.add_signal_handler(signum, loop.stop)
         loop.call_later(TICK, self._tick)
@@ -75,11 +78,21 @@ class Control:
             "listeners": [
                 {"address": str(spec.address), "tls": spec.tls} for spec in cfg.listeners
             ],
-            "backends": {
-                name: {
-                    "balance": spec.balance,
-                    "servers": [{"address": str(s.address), "weight": s.weight} for s in spec.servers],
-                }
-                for name, spec in cfg.backends.items()
-            },
+            "backends": self._backends_status(),
         }
+
+    def _backends_status(self) -> dict:
+        checks = self.health.results()
+        states = self.shm.states
+        out = {}
+        gid = 0
+        for name, spec in self.cfg.backends.items():
+            servers = []
+            for server in spec.servers:
+                entry = {"address": str(server.address), "weight": server.weight,
+                         "up": states[gid] == 1, "checked": spec.health is not None}
+                entry.update(checks.get(gid, {}))
+                servers.append(entry)
+                gid += 1
+            out[name] = {"balance": spec.balance, "servers": servers}
+        return out

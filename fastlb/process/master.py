@@ -220,6 +220,9 @@ class Master:
             for i, sock in enumerate(socks):
                 if key not in sockets or i >= len(sockets[key]):
                     sock.close()
+        if _server_layout(cfg) != _server_layout(self.cfg):
+            # State bytes are numbered by position: a changed server list starts everyone up again.
+            self.shm.states[:] = b"\x01" * len(self.shm.states)
         self.cfg, self.contexts, self.sockets = cfg, contexts, sockets
         old = list(self.children.values())
         self.generation += 1
@@ -355,6 +358,10 @@ class Master:
         for _, sock in self.demo_sockets:
             sock.close()
         self.log.info("stopped")
+
+
+def _server_layout(cfg) -> list:
+    return [(name, str(server.address)) for name, spec in cfg.backends.items() for server in spec.servers]
 
 
 def default_pid_file() -> str:

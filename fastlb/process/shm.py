@@ -1,8 +1,10 @@
 """The shared-memory block the master creates before forking (an anonymous MAP_SHARED mapping).
 
 Each process slot (workers 0..N-1, then the control process) owns one record that only it writes:
-a heartbeat timestamp, a boot state and, when booting failed, the reason.  The master only reads, so
-no lock is needed: an aligned 8-byte store is atomic on every platform Linux runs on.
+a heartbeat timestamp, a boot state and, when booting failed, the reason.  After the records comes
+one state byte per backend server (numbered in config order), written only by the control process's
+health checks and read by workers at pick time.  Every area has a single writer, so no lock is
+needed: aligned stores of 8 bytes or less are atomic on every platform Linux runs on.
 """
 
 import mmap
@@ -13,10 +15,15 @@ _RECORD = struct.Struct("=dB247s")  # 256 bytes: heartbeat, state, boot failure 
 BOOTING, READY, FAILED = 0, 1, 2
 
 
+MAX_SERVERS = 65536
+
+
 class SharedBlock:
     def __init__(self, slots: int):
         self.slots = slots
-        self._map = mmap.mmap(-1, _RECORD.size * slots)
+        self._map = mmap.mmap(-1, _RECORD.size * slots + MAX_SERVERS)
+        self.states = memoryview(self._map)[_RECORD.size * slots:]
+        self.states[:] = b"\x01" * MAX_SERVERS  # servers start up (as nginx and HAProxy assume)
 
     def _offset(self, slot: int) -> int:
         return slot * _RECORD.size

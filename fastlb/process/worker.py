@@ -15,7 +15,7 @@ import time
 from email.utils import formatdate
 
 from fastlb.http.client import ClientConnection
-from fastlb.lb.backend import Backend
+from fastlb.lb.backend import build_backends
 from fastlb.lb.router import Router
 from fastlb.process import shm as shm_mod
 
@@ -54,7 +54,7 @@ class Worker:
         self.master_pid = master_pid
         self.log = log
         self.limits = cfg.limits
-        self.backends = {name: Backend(spec) for name, spec in cfg.backends.items()}
+        self.backends = build_backends(cfg, shm.states)
         self.router = Router(cfg.routes, cfg.default_backend, self.backends)
         self._trusted = [ipaddress.ip_network(n, strict=False) for n in cfg.server.trusted_proxies]
         self.connections: set[ClientConnection] = set()
@@ -147,6 +147,14 @@ class Worker:
                 idle = server.idle
                 while idle and now - idle[0].idle_since > timeout:
                     idle.pop(0).transport.close()
+                event = server.tick(now)
+                if event:
+                    self.log.info("%s", event)
+            waiting = backend.waiting
+            while waiting and now - waiting[0].queued_at > backend.spec.queue_timeout:
+                ex = waiting.popleft()
+                if not ex.client.closed:
+                    ex.respond_local(503)
         if self.draining and (not self.connections or now > self._stop_at):
             self.loop.stop()
             return
