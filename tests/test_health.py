@@ -8,8 +8,8 @@ import time
 import urllib.request
 
 import pytest
-
 from conftest import free_port
+
 from fastlb.config import Address, BackendSpec, ServerSpec
 from fastlb.lb.backend import Backend
 
@@ -160,7 +160,7 @@ class RawBackend:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
-        self.address = "127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
         self.respond = respond
         self.conns = []
         threading.Thread(target=self._serve, daemon=True).start()

@@ -50,7 +50,7 @@ class HealthChecker:
         while True:
             try:
                 ok, result = await asyncio.wait_for(self._probe(check), spec.timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 ok, result = False, "timeout"
             except OSError as exc:
                 ok, result = False, _os_reason(exc)
