@@ -28,7 +28,7 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "worker", "server", "transport", "parser", "ex", "reason", "headers", "got_bytes", "complete",
         "keep", "dirty", "down_chunked", "until_close", "interim", "deadline", "idle_since", "tunnel",
-        "reused",
+        "reused", "out",
     )
 
     def __init__(self, worker, server):
@@ -50,6 +50,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.idle_since = 0.0
         self.tunnel = None       # the ClientConnection after a 101 upgrade
         self.reused = False
+        self.out = []            # bytes for the client produced by one feed_data, sent in one write
 
     # -- connection lifecycle -------------------------------------------------------------------
     def connection_made(self, transport):
@@ -90,17 +91,29 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
+            self._flush()
             self._start_tunnel(data[exc.args[0]:])
             return
         except HttpParserError:
             if self.complete:
+                self._flush()
                 self.dirty = True  # the response ended well; what followed it is junk
                 self._finish()
             else:
+                self.out = []
                 self._fail_response("invalid")
             return
+        # One write per read: a response head and its body leave in one send (one syscall, one
+        # TLS record) instead of one per parser callback.
+        self._flush()
         if self.complete:
             self._finish()
+
+    def _flush(self) -> None:
+        out = self.out
+        if out:
+            self.out = []
+            self.ex.client.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def eof_received(self):
         return False
@@ -170,7 +183,7 @@ class UpstreamConnection(asyncio.Protocol):
             if ex.chunk_ok:
                 err, _, head = core.response_head(status, self.reason, headers, False, True, False)
                 if not err:
-                    ex.client.transport.write(head)
+                    self.out.append(head)
             return
         self.interim = False
         if status == 101 and not ex.flags & _F_UPGRADE:
@@ -195,7 +208,7 @@ class UpstreamConnection(asyncio.Protocol):
         if framed_by_us and not ex.chunk_ok:
             ex.keep_alive = False  # core added Connection: close; the body ends when we close
         ex.response_state = 1
-        ex.client.transport.write(head)
+        self.out.append(head)
         if status != 101 and ex.is_head:
             # llhttp does not know the request was HEAD and would wait for Content-Length bytes
             # (RFC 9112 §6.3 item 1): the message ends here, and the parser is replaced in _finish.
@@ -205,18 +218,17 @@ class UpstreamConnection(asyncio.Protocol):
         if self.complete:
             self.dirty = True
             return
-        transport = self.ex.client.transport
         if self.down_chunked:
-            transport.writelines((b"%x\r\n" % len(body), body, b"\r\n"))
+            self.out += (b"%x\r\n" % len(body), body, b"\r\n")
         else:
-            transport.write(body)
+            self.out.append(body)
 
     def on_message_complete(self):
         if self.interim:
             self.interim = False
             return
         if self.down_chunked:
-            self.ex.client.transport.write(_CHUNK_END)
+            self.out.append(_CHUNK_END)
         self.complete = True
 
     # -- outcomes ---------------------------------------------------------------------------------
