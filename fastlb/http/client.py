@@ -111,12 +111,15 @@ class Exchange:
     def use(self, server, pooled: bool) -> None:
         self.server = server
         server.active += 1
-        conn = upstream.take_idle(server) if pooled else None
-        if conn is not None:
-            conn.attach(self, reused=True)
-        else:
-            self.pending_server = server
-            upstream.connect(self.client.worker, server, self)
+        if pooled:
+            idle = server.idle
+            while idle:
+                conn = idle.pop()
+                if not conn.transport.is_closing():
+                    conn.attach(self, reused=True)
+                    return
+        self.pending_server = server
+        upstream.connect(self.client.worker, server, self)
 
     def release_server(self) -> None:
         """The attempt on self.server is over: free its slot, and give it to a waiting request."""

@@ -317,12 +317,3 @@ def _connected(conn, ex, timer, task) -> None:
         conn.idle_since = conn.worker.now
         conn.server.idle.append(conn)
 
-
-def take_idle(server):
-    """The most recently used idle connection of server that is still open, or None."""
-    idle = server.idle
-    while idle:
-        conn = idle.pop()
-        if not conn.transport.is_closing():
-            return conn
-    return None

@@ -32,9 +32,11 @@ class SmoothRoundRobin:
         best = -1
         total = 0
         for i, server in enumerate(servers):
-            if not _usable(server, exclude) or (among is not None and server not in among):
-                continue
+            # _usable inlined: this loop runs for every request
             weight = server.weight
+            if (not weight or server.active >= server.cap or not server.up or server in exclude
+                    or (among is not None and server not in among)):
+                continue
             current[i] += weight
             total += weight
             if best < 0 or current[i] > current[best]:

@@ -56,12 +56,15 @@ class _PathTable:
 class Router:
     """Maps (Host header, path) to a Route; built once per config generation."""
 
-    __slots__ = ("_exact", "_wildcard", "_any", "_default")
+    __slots__ = ("_exact", "_wildcard", "_any", "_default", "_hosts")
 
     def __init__(self, routes, default_backend: Any | None, backends: dict[str, Any]):
         self._exact: dict[bytes, _PathTable] = {}
         self._wildcard: dict[bytes, _PathTable] = {}
         self._any: _PathTable | None = None
+        # Host header as received -> (exact table, wildcard table): most clients send a handful of
+        # Host values, so normalising and looking them up happens once per value, not per request.
+        self._hosts: dict[bytes, tuple] = {}
         for i, spec in enumerate(routes):
             route = Route(i, f"{spec.host or '*'}{spec.path}", backends[spec.backend])
             if spec.host is None:
@@ -81,24 +84,27 @@ class Router:
         q = target.find(b"?")
         path = target if q < 0 else target[:q]
         if host:
-            host = _host_name(host)
-            table = self._exact.get(host)
-            if table is not None:
+            tables = self._hosts.get(host)
+            if tables is None:
+                tables = self._tables_for(host)
+            for table in tables:
                 route = table.match(path)
                 if route is not None:
                     return route
-            dot = host.find(b".")
-            if dot > 0:
-                table = self._wildcard.get(host[dot + 1:])
-                if table is not None:
-                    route = table.match(path)
-                    if route is not None:
-                        return route
         if self._any is not None:
             route = self._any.match(path)
             if route is not None:
                 return route
         return self._default
+
+    def _tables_for(self, host: bytes) -> tuple:
+        name = _host_name(host)
+        dot = name.find(b".")
+        tables = tuple(t for t in (self._exact.get(name), self._wildcard.get(name[dot + 1:]) if dot > 0
+                                   else None) if t is not None)
+        if len(self._hosts) < 4096:  # bounded: Host values are client-chosen
+            self._hosts[host] = tables
+        return tables
 
 
 def _host_name(host: bytes) -> bytes:

@@ -1,0 +1,545 @@
+"""Plain-Python twin of ``fastlb._core``: the per-request computations of the proxy.
+
+Theory of operation
+-------------------
+The HTTP parser (httptools/llhttp, strict mode) hands the worker a request line and the header fields
+as a list of ``(name, value)`` tuples in arrival order. This module decides whether that message may be
+forwarded at all (framing and field syntax, RFC 9112 §6 and RFC 9110 §5), summarises what the caller
+needs to know about it in an ``int`` of flag bits, and serialises the head the other side will receive
+(hop-by-hop fields removed, X-Forwarded-* set). The same for a backend's response, plus the hashing
+primitives of the Maglev balancer.
+
+``fastlb/_core.pyx`` is the compiled twin. Both must return identical values and raise the same
+exception types for every input: tests/test_core.py checks it with hypothesis. When a rule changes here
+it changes there too. This file is the readable reference: it favours the obvious formulation, the
+Cython one favours C loops over the same rules.
+
+Conventions shared by every function:
+- Field values are interpreted after removing SP/HTAB around them (RFC 9110 §5.5: OWS is not part of a
+  field value). llhttp already strips them; being robust costs nothing. Values are forwarded as received.
+- Field names compare case-insensitively, ASCII only (RFC 9110 §5.1), like ``bytes.lower``.
+- When ``error_status`` is not 0 the head is ``b""``, but flags/host/request id still describe the
+  headers, so a caller can log them and knows how the (rejected) message was framed.
+"""
+
+from http import HTTPStatus
+
+__all__ = [
+    "F_CONTENT_LENGTH",
+    "F_CHUNKED",
+    "F_EXPECT_CONTINUE",
+    "F_UPGRADE",
+    "F_CONN_CLOSE",
+    "F_CONN_KEEPALIVE",
+    "F_HAS_HOST",
+    "F_NO_BODY",
+    "F_UNTIL_CLOSE",
+    "request_head",
+    "response_head",
+    "hash64",
+    "maglev_table",
+    "maglev_lookup",
+]
+
+# Flag bits returned by request_head/response_head. _core.pyx defines the same values (tested).
+F_CONTENT_LENGTH = 1  # exactly one, valid Content-Length
+F_CHUNKED = 2  # exactly one Transfer-Encoding, and it is "chunked"
+F_EXPECT_CONTINUE = 4  # request: Expect: 100-continue
+F_UPGRADE = 8  # request: Upgrade (not h2c) + Connection: upgrade; response: 101 with Upgrade
+F_CONN_CLOSE = 16  # "close" among the Connection options
+F_CONN_KEEPALIVE = 32  # "keep-alive" among the Connection options
+F_HAS_HOST = 64  # request: at least one Host field
+F_NO_BODY = 128  # response: no body by definition (RFC 9112 §6.3 item 1); overrides the framing bits
+F_UNTIL_CLOSE = 256  # response: body delimited by the end of the connection (RFC 9112 §6.3 item 8)
+
+# RFC 9110 §5.6.2: token = 1*tchar.
+_TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_OWS = b" \t"
+_CTL_SP = bytes(range(0x21)) + b"\x7f"
+# Longest Content-Length we accept: 18 digits always fit in a signed 64-bit integer (the body counters
+# of httptools and of the upstream protocol), 19 may not.
+_MAX_CL_DIGITS = 18
+
+# Header kinds. The numeric values mirror the enum in _core.pyx only for readability; they never leave
+# the module.
+_OTHER = 0
+_HOST = 1
+_CONTENT_LENGTH = 2
+_TRANSFER_ENCODING = 3
+_CONNECTION = 4
+_UPGRADE = 5
+_EXPECT = 6
+_HOP = 7  # other hop-by-hop fields: dropped, nothing to interpret
+_XFF = 8
+_XF_OTHER = 9  # X-Forwarded-Proto/Port/Host: always replaced by ours, never trusted (DESIGN "Headers")
+_REQUEST_ID = 10
+_DROP = 11  # X_Forwarded_For & co: see the underscore rule in request_head
+
+# RFC 9110 §7.6.1: Connection, and the fields a proxy must not forward even when Connection does not
+# list them (Proxy-Connection is the pre-standard spelling some clients still send).
+_KINDS = {
+    b"host": _HOST,
+    b"content-length": _CONTENT_LENGTH,
+    b"transfer-encoding": _TRANSFER_ENCODING,
+    b"connection": _CONNECTION,
+    b"upgrade": _UPGRADE,
+    b"expect": _EXPECT,
+    b"keep-alive": _HOP,
+    b"proxy-connection": _HOP,
+    b"te": _HOP,
+    b"trailer": _HOP,
+    b"x-forwarded-for": _XFF,
+    b"x-forwarded-proto": _XF_OTHER,
+    b"x-forwarded-port": _XF_OTHER,
+    b"x-forwarded-host": _XF_OTHER,
+    b"x-request-id": _REQUEST_ID,
+}
+# Responses: only framing and hop-by-hop names matter; X-Forwarded-* or Host in a response are plain
+# end-to-end fields.
+_RESPONSE_KINDS = {
+    b"content-length": _CONTENT_LENGTH,
+    b"transfer-encoding": _TRANSFER_ENCODING,
+    b"connection": _CONNECTION,
+    b"upgrade": _UPGRADE,
+    b"keep-alive": _HOP,
+    b"proxy-connection": _HOP,
+    b"te": _HOP,
+    b"trailer": _HOP,
+}
+# Kinds a Connection option can remove (RFC 9110 §7.6.1). Host and Content-Length are deliberately not
+# among them: "Connection: content-length" would make us forward a body the next hop cannot delimit
+# (request smuggling), and Host is what the backend routes on. Every other kind is dropped anyway.
+_LISTABLE = (_OTHER, _EXPECT)
+
+_HEADERS_TYPE = "headers must be a list of (name: bytes, value: bytes) tuples"
+
+_REASONS = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
+# Pre-encoded status lines for the standard phrases (STYLE: constant bytes at import time).
+_STATUS_LINES = {code: b"HTTP/1.1 %d %s\r\n" % (code, phrase) for code, phrase in _REASONS.items()}
+
+
+def _bad_value(value):
+    # RFC 9110 §5.5: a recipient of CR, LF or NUL in a field value MUST reject the message or replace
+    # them with SP. Rejecting is the only safe choice for a proxy: forwarded, they split the field.
+    return b"\r" in value or b"\n" in value or b"\x00" in value
+
+
+def _bad_name(name):
+    # RFC 9110 §5.1: field-name = token. Anything else (empty, SP, ":", obs-text) is not a field.
+    return not name or bool(name.translate(None, _TCHAR))
+
+
+def _bad_fields(lowercase_names, values):
+    # _bad_name/_bad_value over all fields at once: only "is any field bad" matters, and one scan of
+    # the joined bytes costs less than a scan per field (bench/micro_core.py request: 12.9 -> 7.4 us).
+    # Lowercasing maps tchars to tchars and leaves every other byte alone, so lowercase names will do.
+    return (
+        b"" in lowercase_names
+        or bool(b"".join(lowercase_names).translate(None, _TCHAR))
+        or _bad_value(b"".join(values))
+    )
+
+
+def _check_bytes(what, value):
+    if not isinstance(value, bytes):
+        raise TypeError(f"{what} must be bytes")
+
+
+def _valid_content_length(value):
+    # RFC 9110 §8.6: Content-Length = 1*DIGIT. No sign, no hex, no inner spaces, and no list: the RFC
+    # lets a recipient accept "5, 5", we refuse it (RFC 9112 §6.3 item 5) because front and back ends
+    # that disagree on such a value are how requests get smuggled.
+    value = value.strip(_OWS)
+    return 0 < len(value) <= _MAX_CL_DIGITS and value.isdigit()
+
+
+def _connection_options(value, options):
+    # RFC 9110 §7.6.1 + §5.6.1: a comma list of case-insensitive tokens; empty elements are ignored.
+    for element in value.split(b","):
+        element = element.strip(_OWS).lower()
+        if element:
+            options.add(element)
+
+
+def _upgrade_wanted(upgrade_values):
+    # RFC 9110 §7.8: the client lists protocols in descending order of preference. We tunnel whatever
+    # the backend accepts except h2c: RFC 9113 §3.1 deprecated that upgrade and we would have to speak
+    # HTTP/2 ourselves to route its streams. No protocol at all: nothing to upgrade to.
+    for value in upgrade_values:
+        for element in value.split(b","):
+            element = element.strip(_OWS)
+            if element:
+                return element.split(b"/", 1)[0].lower() != b"h2c"
+    return False
+
+
+def request_head(method, target, headers, client_ip, proto, port, trust_xff, request_id):
+    """Check a parsed client request and build the head sent upstream.
+
+    Returns ``(error_status, flags, host, request_id, head)``. ``error_status`` is 0, or the status the
+    proxy must answer with itself (400 malformed, 501 unsupported transfer coding, 417 unsupported
+    expectation; see DESIGN.md "Error table"). A missing Host is not an error here: it depends on the
+    HTTP version, which the caller knows (``flags & F_HAS_HOST``).
+    """
+    for what, arg in (
+        ("method", method),
+        ("target", target),
+        ("client_ip", client_ip),
+        ("proto", proto),
+        ("port", port),
+        ("request_id", request_id),
+    ):
+        _check_bytes(what, arg)
+    if not isinstance(headers, list):
+        raise TypeError(_HEADERS_TYPE)
+
+    # The parser already checked the request line; these two checks only keep a caller bug from
+    # turning into header injection upstream (RFC 9112 §3: method = token, target has no CTL or SP).
+    bad = _bad_name(method) or not target or len(target.translate(None, _CTL_SP)) != len(target)
+    host = None
+    host_count = cl_count = te_count = 0
+    cl_ok = te_chunked = False
+    expect_seen = expect_bad = False
+    options = set()
+    upgrades = []
+    forwarded_for = []
+    client_request_id = None
+    kinds = []
+    lows = []
+    values = []
+
+    for item in headers:
+        if not isinstance(item, tuple) or len(item) != 2:
+            raise TypeError(_HEADERS_TYPE)
+        name, value = item
+        if not isinstance(name, bytes) or not isinstance(value, bytes):
+            raise TypeError(_HEADERS_TYPE)
+        low = name.lower()
+        values.append(value)
+        kind = _KINDS.get(low, _OTHER)
+        if kind == _OTHER and b"_" in low:
+            # Many servers (CGI/WSGI environ, PHP, some frameworks) map "-" and "_" to the same
+            # variable, so "Content_Length" or "X_Forwarded_For" would reach the application as if it
+            # were the real field while we never interpreted it. Framing aliases are refused (DESIGN
+            # "Error table"); aliases of the fields we set are dropped so they cannot shadow ours.
+            alias = _KINDS.get(low.replace(b"_", b"-"), _OTHER)
+            if alias in (_HOST, _CONTENT_LENGTH, _TRANSFER_ENCODING):
+                bad = True
+            elif alias in (_XFF, _XF_OTHER, _REQUEST_ID):
+                kind = _DROP
+        kinds.append(kind)
+        lows.append(low)
+
+        if kind == _OTHER or kind == _HOP or kind == _DROP or kind == _XF_OTHER:
+            continue
+        if kind == _HOST:
+            # RFC 9112 §3.2: more than one Host field line is a 400.
+            host_count += 1
+            if host is None:
+                host = value.strip(_OWS)
+        elif kind == _CONTENT_LENGTH:
+            cl_count += 1
+            cl_ok = _valid_content_length(value)
+        elif kind == _TRANSFER_ENCODING:
+            te_count += 1
+            # RFC 9112 §7: coding names are case-insensitive, so "CHUNKED" is chunked.
+            te_chunked = value.strip(_OWS).lower() == b"chunked"
+        elif kind == _CONNECTION:
+            _connection_options(value, options)
+        elif kind == _UPGRADE:
+            value = value.strip(_OWS)
+            if value:
+                upgrades.append(value)
+        elif kind == _EXPECT:
+            # RFC 9110 §10.1.1: 100-continue is the only expectation defined; anything else gets 417.
+            expect_seen = True
+            if value.strip(_OWS).lower() != b"100-continue":
+                expect_bad = True
+        elif kind == _XFF:
+            if trust_xff:
+                value = value.strip(_OWS)
+                if value:
+                    forwarded_for.append(value)
+        elif kind == _REQUEST_ID:
+            if client_request_id is None:
+                value = value.strip(_OWS)
+                if value:
+                    client_request_id = value
+
+    if _bad_fields(lows, values):
+        bad = True
+
+    flags = 0
+    if cl_count == 1 and cl_ok:
+        flags |= F_CONTENT_LENGTH
+    if te_count == 1 and te_chunked:
+        flags |= F_CHUNKED
+    if expect_seen and not expect_bad:
+        flags |= F_EXPECT_CONTINUE
+    if b"upgrade" in options and _upgrade_wanted(upgrades):
+        flags |= F_UPGRADE
+    if b"close" in options:
+        flags |= F_CONN_CLOSE
+    if b"keep-alive" in options:
+        flags |= F_CONN_KEEPALIVE
+    if host_count:
+        flags |= F_HAS_HOST
+    if client_request_id is not None:
+        request_id = client_request_id
+
+    # Precedence: a framing error (400) hides everything else, then what we cannot decode (501), then
+    # the expectation (417: the only one after which the connection may be kept).
+    if bad or host_count > 1 or cl_count > 1 or (cl_count and not cl_ok) or (cl_count and te_count):
+        # RFC 9112 §6.3 item 3: CL + TE "ought to be handled as an error"; a proxy that forwarded it
+        # would have to pick one framing and hope the backend picks the same.
+        return 400, flags, host, request_id, b""
+    if te_count and not (te_count == 1 and te_chunked):
+        # RFC 9112 §6.1: a server that receives a transfer coding it does not understand SHOULD answer
+        # 501; we only decode chunked, applied once (§7.1: chunked MUST NOT be applied twice).
+        return 501, flags, host, request_id, b""
+    if expect_bad:
+        return 417, flags, host, request_id, b""
+
+    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+    for item, kind, low in zip(headers, kinds, lows, strict=True):
+        if kind == _HOST or kind == _CONTENT_LENGTH or (kind in _LISTABLE and low not in options):
+            parts += (item[0], b": ", item[1], b"\r\n")
+    parts.append(b"X-Forwarded-For: ")
+    if forwarded_for:
+        parts += (b", ".join(forwarded_for), b", ")
+    parts += (client_ip, b"\r\nX-Forwarded-Proto: ", proto, b"\r\nX-Forwarded-Port: ", port, b"\r\n")
+    if host is not None:
+        parts += (b"X-Forwarded-Host: ", host, b"\r\n")
+    parts += (b"X-Request-ID: ", request_id, b"\r\n")
+    if flags & F_CHUNKED:
+        # We forward the body re-chunked as we decode it (TE is hop-by-hop, RFC 9110 §7.6.1).
+        parts.append(b"Transfer-Encoding: chunked\r\n")
+    if flags & F_UPGRADE:
+        # RFC 9110 §7.8: a proxy forwarding an upgrade must say so in its own Connection field.
+        parts += (b"Upgrade: ", b", ".join(upgrades), b"\r\nConnection: upgrade\r\n")
+    parts.append(b"\r\n")
+    return 0, flags, host, request_id, b"".join(parts)
+
+
+def response_head(status, reason, headers, head_request, chunk_ok, close):
+    """Check a parsed backend response and build the head sent to the client.
+
+    Returns ``(error_status, flags, head)``; ``error_status`` is 0 or 502 (RFC 9112 §6.3 item 5: a proxy
+    that receives a response it cannot delimit MUST answer 502). ``chunk_ok``: the client may receive
+    chunked (HTTP/1.1, RFC 9112 §6.1); ``close``: the caller will close the client connection after this
+    response.
+    """
+    if not isinstance(status, int):
+        raise TypeError("status must be an int")
+    _check_bytes("reason", reason)
+    if not isinstance(headers, list):
+        raise TypeError(_HEADERS_TYPE)
+
+    # RFC 9112 §4: status-code = 3DIGIT; reason-phrase excludes CR/LF (and NUL: see _bad_value).
+    bad = status < 100 or status > 999 or _bad_value(reason)
+    cl_count = te_count = 0
+    cl_ok = te_chunked = False
+    options = set()
+    upgrades = []
+    kinds = []
+    lows = []
+    values = []
+    for item in headers:
+        if not isinstance(item, tuple) or len(item) != 2:
+            raise TypeError(_HEADERS_TYPE)
+        name, value = item
+        if not isinstance(name, bytes) or not isinstance(value, bytes):
+            raise TypeError(_HEADERS_TYPE)
+        low = name.lower()
+        values.append(value)
+        kind = _RESPONSE_KINDS.get(low, _OTHER)
+        kinds.append(kind)
+        lows.append(low)
+        if kind == _CONTENT_LENGTH:
+            cl_count += 1
+            cl_ok = _valid_content_length(value)
+        elif kind == _TRANSFER_ENCODING:
+            te_count += 1
+            te_chunked = value.strip(_OWS).lower() == b"chunked"
+        elif kind == _CONNECTION:
+            _connection_options(value, options)
+        elif kind == _UPGRADE:
+            value = value.strip(_OWS)
+            if value:
+                upgrades.append(value)
+
+    if _bad_fields(lows, values):
+        bad = True
+
+    flags = 0
+    if cl_count == 1 and cl_ok:
+        flags |= F_CONTENT_LENGTH
+    if te_count == 1 and te_chunked:
+        flags |= F_CHUNKED
+    if b"close" in options:
+        flags |= F_CONN_CLOSE
+    if b"keep-alive" in options:
+        flags |= F_CONN_KEEPALIVE
+    if status == 101 and upgrades:
+        # RFC 9110 §15.2.2: the 101 names the protocol in Upgrade; the caller switches to a tunnel.
+        flags |= F_UPGRADE
+    if 100 <= status < 200 or status == 204 or status == 304 or head_request:
+        # RFC 9112 §6.3 item 1: these responses end with the header section whatever their fields say.
+        flags |= F_NO_BODY
+    elif not cl_count and not te_count:
+        # RFC 9112 §6.3 item 8: no framing fields, the body runs until the backend closes.
+        flags |= F_UNTIL_CLOSE
+
+    # Unlike gzip in a request (501), a backend TE other than plain chunked is legal (RFC 9112 §6.1)
+    # but we would have to decode it to re-frame the body: refuse it rather than guess.
+    if bad or cl_count > 1 or (cl_count and not cl_ok) or (cl_count and te_count) or (
+        te_count and not (te_count == 1 and te_chunked)
+    ):
+        return 502, flags, b""
+
+    if not reason or reason == _REASONS.get(status):
+        line = _STATUS_LINES.get(status)
+        if line is None:
+            line = b"HTTP/1.1 %d \r\n" % status
+    else:
+        line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
+    parts = [line]
+    for item, kind, low in zip(headers, kinds, lows, strict=True):
+        if kind == _CONTENT_LENGTH or (kind == _OTHER and low not in options):
+            parts += (item[0], b": ", item[1], b"\r\n")
+    streamed = flags & (F_CHUNKED | F_UNTIL_CLOSE) and not flags & F_NO_BODY
+    if streamed and chunk_ok:
+        # We decode the backend's chunks (or read until its close) and chunk again towards the client.
+        parts.append(b"Transfer-Encoding: chunked\r\n")
+    if flags & F_UPGRADE:
+        parts += (b"Upgrade: ", b", ".join(upgrades), b"\r\nConnection: upgrade\r\n")
+    elif close or (streamed and not chunk_ok):
+        # An HTTP/1.0 client cannot receive chunked: the end of the connection delimits the body
+        # (RFC 9112 §6.3 item 8), so the caller closes after it and says so.
+        parts.append(b"Connection: close\r\n")
+    parts.append(b"\r\n")
+    return 0, flags, b"".join(parts)
+
+
+# FNV-1a 64 (Fowler/Noll/Vo, draft-eastlake-fnv §6): offset basis and prime.
+_FNV_OFFSET = 0xCBF29CE484222325
+_FNV_PRIME = 0x100000001B3
+_MASK64 = 0xFFFFFFFFFFFFFFFF
+
+
+def hash64(data):
+    """Stable 64-bit hash: FNV-1a 64, then MurmurHash3's fmix64 finaliser.
+
+    No seed, so every worker, every machine and every restart agrees (hash routing must not move when
+    a process restarts; Python's hash() is randomised per process). FNV-1a alone mixes its last bytes
+    poorly into the high bits; fmix64 gives every input bit a ~50% chance to flip every output bit.
+    """
+    if not isinstance(data, bytes):
+        raise TypeError("data must be bytes")
+    h = _FNV_OFFSET
+    for byte in data:
+        h = ((h ^ byte) * _FNV_PRIME) & _MASK64
+    h ^= h >> 33
+    h = (h * 0xFF51AFD7ED558CCD) & _MASK64
+    h ^= h >> 33
+    h = (h * 0xC4CEB9FE1A85EC53) & _MASK64
+    h ^= h >> 33
+    return h
+
+
+_MAX_WEIGHT = 0x7FFFFFFF
+_MAX_TABLE = 0x7FFFFFFF
+
+
+def _is_prime(n):
+    if n < 2:
+        return False
+    if n % 2 == 0:
+        return n == 2
+    d = 3
+    while d * d <= n:
+        if n % d == 0:
+            return False
+        d += 2
+    return True
+
+
+def _check_maglev_args(names, weights, size):
+    if not isinstance(names, list) or not isinstance(weights, list):
+        raise TypeError("names and weights must be lists")
+    if not isinstance(size, int):
+        raise TypeError("size must be an int")
+    if len(names) != len(weights):
+        raise ValueError("names and weights must have the same length")
+    # Maglev's permutations only visit every slot when skip and size are coprime: a prime size makes
+    # that true for every skip in [1, size-1] (paper §3.4).
+    if not 2 <= size <= _MAX_TABLE or not _is_prime(size):
+        raise ValueError("size must be a prime in [2, 2**31-1]")
+    for name in names:
+        if not isinstance(name, bytes):
+            raise TypeError("names must be bytes")
+    for weight in weights:
+        if not isinstance(weight, int):
+            raise TypeError("weights must be ints")
+        if not 0 <= weight <= _MAX_WEIGHT:
+            raise ValueError("weights must be in [0, 2**31-1]")
+
+
+def maglev_table(names, weights, size):
+    """Maglev lookup table (Eisenbud et al., NSDI 2016, §3.4) of ``size`` entries, each an index into
+    ``names``; ``[]`` when no server has a positive weight.
+
+    Server i's preference list is the permutation ``(offset + j*skip) % size`` with
+    ``offset = hash64(name) % size`` and ``skip = hash64(name + b"#skip") % (size - 1) + 1``: it depends
+    only on the name, so a server keeps its slots when others come and go, which is what bounds the
+    disruption of a change to about 1/N of the keys.
+
+    Weights use Envoy's weighted Maglev (source/common/upstream/maglev_lb.cc): the servers take turns
+    in rounds 1, 2, 3...; in round t a server of weight w claims its next free preferred slot only while
+    ``t * w >= claims * max_weight``, so over the build it claims slots in proportion to w, and a server
+    of maximal weight behaves exactly as in unweighted Maglev. Weight 0: never placed.
+    """
+    _check_maglev_args(names, weights, size)
+    servers = [i for i, weight in enumerate(weights) if weight > 0]
+    if not servers:
+        return []
+    max_weight = max(weights)
+    position = []
+    skip = []
+    for i in servers:
+        position.append(hash64(names[i]) % size)
+        skip.append(hash64(names[i] + b"#skip") % (size - 1) + 1)
+    target = [0] * len(servers)
+    table = [-1] * size
+    filled = 0
+    turn = 0
+    while True:
+        turn += 1
+        for k, i in enumerate(servers):
+            if turn * weights[i] < target[k]:
+                continue
+            target[k] += max_weight
+            slot = position[k]
+            while table[slot] >= 0:
+                slot += skip[k]
+                if slot >= size:
+                    slot -= size
+            table[slot] = i
+            slot += skip[k]
+            position[k] = slot - size if slot >= size else slot
+            filled += 1
+            if filled == size:
+                return table
+
+
+def maglev_lookup(table, key_hash):
+    """The server index for a 64-bit key hash, or -1 when the table is empty."""
+    if not isinstance(table, list):
+        raise TypeError("table must be a list")
+    if not isinstance(key_hash, int):
+        raise TypeError("key_hash must be an int")
+    if key_hash < 0 or key_hash > _MASK64:
+        raise OverflowError("key_hash must be in [0, 2**64)")
+    if not table:
+        return -1
+    return table[key_hash % len(table)]
