@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import ipaddress
 import json
 import os
 import select
-import shutil
 import signal
 import socket
 import ssl
@@ -33,8 +31,21 @@ import pytest
 import trustme
 import uvloop
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from tlsutil import (
+    DEFAULT_NAMES,
+    OPENSSL,
+    RSA_NAMES,
+    WILDCARD_NAMES,
+    client_context,
+    client_hello,
+    days_from_now,
+    dns_names,
+    make_pems,
+    s_client,
+    write_certificate,
+)
 
 from fastlb.config import CertSpec, ConfigError, TlsSpec
 from fastlb.net import certs, tls
@@ -46,13 +57,6 @@ INTERMEDIATE_CIPHERS = (
     "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384:DHE-RSA-CHACHA20-POLY1305"
 )
 SOURCE = "fastlb.toml"
-OPENSSL = shutil.which("openssl")
-
-# Certificate SANs: the default first, then a one-label wildcard, then an RSA certificate that also has an
-# exact name under the wildcard (exact must beat wildcard although the wildcard comes first in config order).
-DEFAULT_NAMES = ["localhost", "default.example", "127.0.0.1"]
-WILDCARD_NAMES = ["*.wild.example"]
-RSA_NAMES = ["rsa.example", "exact.wild.example"]
 
 
 def tls_spec(certificates, min_version="1.2", ciphers=INTERMEDIATE_CIPHERS, handshake_timeout=10.0):
@@ -65,7 +69,7 @@ def tls_spec(certificates, min_version="1.2", ciphers=INTERMEDIATE_CIPHERS, hand
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Certificates
+# Certificates (made by tests/tlsutil.py, shared with tests/test_tls.py)
 
 
 @pytest.fixture(scope="module")
@@ -73,81 +77,9 @@ def ca():
     return trustme.CA()
 
 
-def write_certificate(directory, stem, names, not_before, not_after, *, key=None, ca=None):
-    """A leaf for `names` (DNS names or IP literals) signed by `ca` (a trustme.CA), or self-signed.
-
-    Not trustme's own leaves: they mark the subjectAltName critical next to a non-empty subject, which
-    RFC 5280 section 4.2.1.6 forbids and sslyze's path validation (cryptography's verifier) rejects; they
-    also live until the year 3000, over Mozilla's 366-day limit.
-    """
-    key = key or ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, names[0])])
-    if ca is None:
-        issuer, signing_key = subject, key
-    else:
-        issuer = x509.load_pem_x509_certificate(ca.cert_pem.bytes()).subject
-        signing_key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), password=None)
-    alt_names = []
-    for name in names:
-        try:
-            alt_names.append(x509.IPAddress(ipaddress.ip_address(name)))
-        except ValueError:
-            alt_names.append(x509.DNSName(name))
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([x509.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(signing_key.public_key()), critical=False
-        )
-        .sign(signing_key, hashes.SHA256())
-    )
-    cert_path = os.path.join(directory, f"{stem}.pem")
-    key_path = os.path.join(directory, f"{stem}.key")
-    with open(cert_path, "wb") as f:
-        f.write(certificate.public_bytes(serialization.Encoding.PEM))
-    with open(key_path, "wb") as f:
-        f.write(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
-    return cert_path, key_path
-
-
-def days_from_now(days):
-    return datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=days)
-
-
 @pytest.fixture(scope="module")
 def pems(ca, tmp_path_factory):
-    directory = str(tmp_path_factory.mktemp("pems"))
-    ca_path = os.path.join(directory, "ca.pem")
-    ca.cert_pem.write_to_path(ca_path)
-    # 90 days, Mozilla's recommended lifetime.
-    start, end = days_from_now(-1), days_from_now(90)
-    return SimpleNamespace(
-        directory=directory,
-        ca=ca_path,
-        default=write_certificate(directory, "default", DEFAULT_NAMES, start, end, ca=ca),
-        wildcard=write_certificate(directory, "wildcard", WILDCARD_NAMES, start, end, ca=ca),
-        rsa=write_certificate(
-            directory,
-            "rsa",
-            RSA_NAMES,
-            start,
-            end,
-            key=rsa.generate_private_key(public_exponent=65537, key_size=2048),
-            ca=ca,
-        ),
-    )
+    return make_pems(tmp_path_factory.mktemp("pems"), ca)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -268,21 +200,6 @@ def modern_server(pems):
 # Client side
 
 
-def client_context(pems, *, check_hostname=True, minimum=None, maximum=None, ciphers=None, alpn=None):
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.load_verify_locations(pems.ca)
-    context.check_hostname = check_hostname
-    if minimum:
-        context.minimum_version = minimum
-    if maximum:
-        context.maximum_version = maximum
-    if ciphers:
-        context.set_ciphers(ciphers)
-    if alpn:
-        context.set_alpn_protocols(alpn)
-    return context
-
-
 def _read_response(conn) -> dict:
     data = b""
     while b"\r\n\r\n" not in data:
@@ -317,15 +234,9 @@ def exchange(port, context, server_hostname="localhost", session=None):
                 cipher=conn.cipher()[0],
                 alpn=conn.selected_alpn_protocol(),
                 handshake=tls.handshake_facts(conn),
-                names=_dns_names(conn.getpeercert(binary_form=True)),
+                names=dns_names(conn.getpeercert(binary_form=True)),
                 key=type(x509.load_der_x509_certificate(conn.getpeercert(binary_form=True)).public_key()),
             )
-
-
-def _dns_names(der):
-    certificate = x509.load_der_x509_certificate(der)
-    san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    return san.get_values_for_type(x509.DNSName)
 
 
 def refused_by_server(port, context, server_hostname="localhost") -> None:
@@ -340,16 +251,6 @@ def refused_by_server(port, context, server_hostname="localhost") -> None:
     error = excinfo.value
     reason = getattr(error, "reason", None) or ""
     assert isinstance(error, ConnectionResetError | ssl.SSLEOFError) or "ALERT" in reason, error
-
-
-def s_client(port, *args):
-    return subprocess.run(
-        [OPENSSL, "s_client", "-connect", f"127.0.0.1:{port}", *args],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=10,
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -553,11 +454,7 @@ def test_alpn_offers_http11_only_and_never_fails_the_handshake(
 
 
 def _client_hello(pems) -> bytes:
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    ssl_object = client_context(pems).wrap_bio(incoming, outgoing, server_hostname="localhost")
-    with pytest.raises(ssl.SSLWantReadError):
-        ssl_object.do_handshake()
-    return outgoing.read()
+    return client_hello(client_context(pems), server_hostname="localhost")
 
 
 @pytest.mark.parametrize("trickle", [False, True], ids=["idle", "trickled-hello"])
