@@ -23,9 +23,9 @@ from cpython.list cimport PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_AsUnsignedLongLong
 from cpython.ref cimport Py_INCREF
 from cpython.tuple cimport PyTuple_GET_SIZE
-from libc.stdint cimport int32_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, uint64_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memchr, memcmp, memcpy
+from libc.string cimport memcmp, memcpy
 
 from http import HTTPStatus
 
@@ -173,7 +173,7 @@ cdef Kind _classify(const unsigned char *low, Py_ssize_t n) noexcept nogil:
 cdef inline Kind _response_kind(Kind kind) noexcept nogil:
     # In a response only framing and hop-by-hop names mean something; Host, Expect or X-Forwarded-*
     # there are plain end-to-end fields.
-    if kind == K_HOST or kind == K_XFF or kind == K_XF_OTHER or kind == K_REQUEST_ID:
+    if kind == K_HOST or kind == K_EXPECT or kind == K_XFF or kind == K_XF_OTHER or kind == K_REQUEST_ID:
         return K_OTHER
     return kind
 

@@ -295,7 +295,9 @@ def request_head(method, target, headers, client_ip, proto, port, trust_xff, req
         return 400, flags, host, request_id, b""
     if te_count and not (te_count == 1 and te_chunked):
         # RFC 9112 §6.1: a server that receives a transfer coding it does not understand SHOULD answer
-        # 501; we only decode chunked, applied once (§7.1: chunked MUST NOT be applied twice).
+        # 501; we only decode chunked, applied once (§6.1: chunked MUST NOT be applied twice). When
+        # chunked is not the final coding §6.3 item 4 says 400 instead; DESIGN's error table answers
+        # 501 for every coding but chunked, and the connection closes either way.
         return 501, flags, host, request_id, b""
     if expect_bad:
         return 417, flags, host, request_id, b""
