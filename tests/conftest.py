@@ -76,7 +76,8 @@ class FastLB:
 
     def __init__(self, tmp: Path, env: dict[str, str], args: list[str] = ()):
         self.tmp = tmp
-        self.port = int(env.get("FASTLB_LISTEN", "127.0.0.1:0").rsplit(":", 1)[1] or 0)
+        listen = env.get("FASTLB_LISTEN")
+        self.port = int(listen.rsplit(":", 1)[1]) if listen else None
         base = {k: v for k, v in os.environ.items() if not k.startswith("FASTLB_") or
                 k == "FASTLB_NO_EXTENSIONS"}
         base.setdefault("FASTLB_ADMIN_LISTEN", f"127.0.0.1:{free_port()}")
@@ -158,6 +159,7 @@ def fastlb(tmp_path):
         env = dict(env or {})
         env.setdefault("FASTLB_LISTEN", f"127.0.0.1:{free_port()}")
         env.setdefault("FASTLB_WORKERS", "2")
+        env = {k: v for k, v in env.items() if v is not None}  # None: leave the variable unset
         lb = FastLB(tmp_path, env, args).start(wait_ready=wait_ready)
         started.append(lb)
         return lb

@@ -36,6 +36,8 @@ _CHUNK_END = b"0\r\n\r\n"
 # is paused, so memory per connection stays bounded whatever the body size.
 _BODY_BUFFER_CAP = 64 * 1024
 
+DRAIN_GRACE = 1.0
+
 # What the connection's deadline means when it passes.
 _IDLE, _HEADER = 1, 2
 
@@ -344,6 +346,13 @@ class ClientConnection(asyncio.Protocol):
             if not self.paused and not self.closed:
                 self.transport.resume_reading()
 
+    def drain(self, now: float) -> None:
+        """The worker is stopping.  An idle keep-alive connection is closed after DRAIN_GRACE, not at
+        once: a client may have sent its next request already (RFC 9112 §9.6 race), and that request
+        is better answered, with Connection: close, than cut."""
+        if self.deadline_kind == _IDLE:
+            self.deadline = min(self.deadline, now + DRAIN_GRACE)
+
     def on_deadline(self) -> None:
         if self.deadline_kind == _HEADER:
             self.fail(408)
@@ -454,11 +463,11 @@ class ClientConnection(asyncio.Protocol):
             nxt.start()
             return
         self.active = None
-        if self.worker.draining:
-            self.close()
-            return
         if self.incoming is None:
-            self.deadline = self.worker.now + self.worker.limits.idle_timeout
+            worker = self.worker
+            # While draining, a response that went out before the drain began promised keep-alive:
+            # the client may already be sending its next request, which gets Connection: close.
+            self.deadline = worker.now + (DRAIN_GRACE if worker.draining else worker.limits.idle_timeout)
             self.deadline_kind = _IDLE
         held = self.held
         if held is not None:

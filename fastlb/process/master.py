@@ -8,10 +8,14 @@ child's reason instead of respawning it forever.
 """
 
 import errno
+import grp
+import json
 import logging
 import os
+import pwd
 import select
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -25,8 +29,13 @@ _RESPAWN_WINDOW = 30.0     # a slot dying this often within the window is respaw
 _RESPAWN_BURST = 5
 _SIGNALS = {
     signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGQUIT: "quit", signal.SIGHUP: "hup",
-    signal.SIGCHLD: "chld", signal.SIGUSR1: "usr1",
+    signal.SIGCHLD: "chld", signal.SIGUSR1: "usr1", signal.SIGUSR2: "usr2",
 }
+# Binary upgrade (SIGUSR2): the old master passes its listening sockets to the new one through
+# inherited file descriptors, named in this variable as {key: fd}; the new master stops the old one
+# (SIGTERM, graceful) once its own workers are ready.
+_INHERIT = "_FASTLB_INHERIT_FDS"  # leading _: not a setting, config.load ignores it
+_UPGRADE_FROM = "_FASTLB_UPGRADE_FROM"
 
 
 class _Child:
@@ -62,6 +71,12 @@ class Master:
         self.exit_code = 0
         self.shm = shm_mod.SharedBlock(MAX_SLOTS)
         self.pid_file = None
+        self.ids = None               # (uid, gid) children switch to, from [server] user/group
+        self.upgrade_pid = None       # the new master of a binary upgrade in progress
+        self.inherited = {
+            key: socket.socket(fileno=fd) for key, fd in json.loads(os.environ.pop(_INHERIT, "{}")).items()
+        }
+        self.upgrade_from = int(os.environ.pop(_UPGRADE_FROM, "0"))
 
     # -- setup --------------------------------------------------------------------------------------
     def _workers(self, cfg) -> int:
@@ -75,9 +90,22 @@ class Master:
             count = self._workers(cfg)
             socks = self.sockets.get(key, [])[:count]
             while len(socks) < count:
-                socks = socks + [open_listener(spec.address)]
+                socks = socks + [self._socket(f"{key[0]} tls={key[1]} slot={len(socks)}", spec.address)]
             wanted[key] = socks
         return wanted
+
+    def _socket(self, key: str, address, reuseport: bool = True) -> socket.socket:
+        """The listening socket named key: inherited from the previous master, or opened now."""
+        sock = self.inherited.pop(key, None)
+        return sock if sock is not None else open_listener(address, reuseport)
+
+    def _named_sockets(self) -> dict[str, socket.socket]:
+        named = {f"{key[0]} tls={key[1]} slot={i}": sock
+                 for key, socks in self.sockets.items() for i, sock in enumerate(socks)}
+        if self.admin_socket is not None:
+            named["admin"] = self.admin_socket
+        named.update((f"demo {name}", sock) for name, sock in self.demo_sockets)
+        return named
 
     def _build_contexts(self, cfg) -> dict:
         """SSLContexts built here, before fork, so all workers share one session-ticket key."""
@@ -94,14 +122,19 @@ class Master:
     # -- run ----------------------------------------------------------------------------------------
     def run(self) -> int:
         cfg = self.cfg
+        self.ids = _resolve_ids(cfg)
         self.contexts = self._build_contexts(cfg)
         self.sockets = self._open_sockets(cfg)
         if cfg.admin.address is not None:
-            self.admin_socket = open_listener(cfg.admin.address, reuseport=False)
+            self.admin_socket = self._socket("admin", cfg.admin.address, reuseport=False)
         if self.demo is not None:
             from fastlb.demo import DEMO_SERVERS
 
-            self.demo_sockets = [(name, open_listener(addr, reuseport=False)) for name, addr in DEMO_SERVERS]
+            self.demo_sockets = [(name, self._socket(f"demo {name}", addr, reuseport=False))
+                                 for name, addr in DEMO_SERVERS]
+        for sock in self.inherited.values():  # listeners the new config no longer has
+            sock.close()
+        self.inherited = {}
         self._write_pid_file()
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
@@ -144,6 +177,9 @@ class Master:
             from fastlb.demo import announce
 
             announce(self.cfg, self.demo)
+        if self.upgrade_from:
+            self.log.info("upgrade: new master ready; stopping the old master %d", self.upgrade_from)
+            self._kill(self.upgrade_from, signal.SIGTERM)
 
     def _on_signal(self, signum, frame):
         self.signals.append(signum)
@@ -205,6 +241,31 @@ class Master:
         for child in self.children.values():
             self._kill(child.pid, signal.SIGUSR1)
 
+    def handle_usr2(self) -> None:
+        """Binary upgrade: exec a new fastlb master that inherits every listening socket."""
+        if self.stopping is not None or self.upgrade_pid is not None:
+            return
+        named = self._named_sockets()
+        for sock in named.values():
+            os.set_inheritable(sock.fileno(), True)
+        env = dict(os.environ)
+        env[_INHERIT] = json.dumps({key: sock.fileno() for key, sock in named.items()})
+        env[_UPGRADE_FROM] = str(os.getpid())
+        argv = [sys.executable, "-m", "fastlb", *sys.argv[1:]]
+        pid = os.fork()
+        if pid == 0:
+            try:
+                signal.set_wakeup_fd(-1)
+                for signum in _SIGNALS:
+                    signal.signal(signum, signal.SIG_DFL)
+                os.execve(sys.executable, argv, env)
+            finally:
+                os._exit(127)
+        for sock in named.values():
+            os.set_inheritable(sock.fileno(), False)
+        self.upgrade_pid = pid
+        self.log.info("upgrade: started new master %d (%s)", pid, " ".join(argv))
+
     def handle_hup(self) -> None:
         """Reload: re-read config and certificates; start a new generation on the same sockets."""
         if self.stopping is not None:
@@ -252,16 +313,23 @@ class Master:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         os.close(self._wake[0])
         os.close(self._wake[1])
+        self._close_foreign_sockets(kind, slot)
         ready = False
         try:
-            if kind == "worker":
-                from fastlb.process.worker import Worker
+            # Everything a child runs is imported while it is still root: the new user may not be
+            # able to read the Python installation (a home directory of mode 0700, say).
+            import uvloop  # noqa: F401
 
+            from fastlb.process.control import Control
+            from fastlb.process.worker import Worker
+
+            if self.demo is not None:
+                import fastlb.demo  # noqa: F401
+            _drop_privileges(self.ids)
+            if kind == "worker":
                 worker = Worker(cfg, slot, self._slot_sockets(cfg, slot), self.contexts, self.shm,
                                 master_pid, self.log)
                 return worker.run()
-            from fastlb.process.control import Control
-
             return Control(cfg, self.admin_socket, self.demo_sockets, self.shm, slot, master_pid,
                            self.log).run()
         except BaseException as exc:  # noqa: BLE001 - whatever it is, the master must hear why
@@ -275,6 +343,19 @@ class Master:
             return 1
         finally:
             sys.stderr.flush()
+
+    def _close_foreign_sockets(self, kind: str, slot: int) -> None:
+        """A child keeps only the sockets it serves: a listener must not stay bound (after a reload
+        removed it) nor look served because some other process happens to hold a copy."""
+        for socks in self.sockets.values():
+            for i, sock in enumerate(socks):
+                if kind != "worker" or i != slot:
+                    sock.close()
+        if kind == "worker":
+            if self.admin_socket is not None:
+                self.admin_socket.close()
+            for _, sock in self.demo_sockets:
+                sock.close()
 
     def _kill(self, pid: int, signum: int) -> None:
         try:
@@ -293,6 +374,11 @@ class Master:
             child = self.children.pop(pid, None)
             if child is not None:
                 self._child_exited(child, status)
+            elif pid == self.upgrade_pid:
+                # Had it succeeded it would have stopped us; we keep serving with the old binary.
+                self.log.error("upgrade failed: new master %d exited with %s", pid,
+                               os.waitstatus_to_exitcode(status))
+                self.upgrade_pid = None
 
     def _child_exited(self, child: _Child, status: int) -> None:
         code = os.waitstatus_to_exitcode(status)
@@ -347,7 +433,10 @@ class Master:
     def _cleanup(self) -> None:
         if self.pid_file:
             try:
-                os.unlink(self.pid_file)
+                with open(self.pid_file) as f:
+                    ours = f.read().strip() == str(os.getpid())
+                if ours:  # after an upgrade the file names the new master: leave it
+                    os.unlink(self.pid_file)
             except OSError:
                 pass
         for socks in self.sockets.values():
@@ -358,6 +447,35 @@ class Master:
         for _, sock in self.demo_sockets:
             sock.close()
         self.log.info("stopped")
+
+
+def _resolve_ids(cfg) -> tuple[int, int] | None:
+    """(uid, gid) for [server] user/group, resolved before forking so a typo is a config error."""
+    from fastlb.config import ConfigError
+
+    user, group = cfg.server.user, cfg.server.group
+    if not user and not group:
+        return None
+    source = cfg.source or "environment"
+    try:
+        entry = pwd.getpwnam(user) if user else None
+    except KeyError:
+        raise ConfigError(source, "server.user", f"no such user {user!r}") from None
+    try:
+        gid = grp.getgrnam(group).gr_gid if group else entry.pw_gid
+    except KeyError:
+        raise ConfigError(source, "server.group", f"no such group {group!r}") from None
+    return (entry.pw_uid if entry else os.getuid(), gid)
+
+
+def _drop_privileges(ids) -> None:
+    """Children give up root after the master bound the ports and read the private keys."""
+    if ids is None:
+        return
+    uid, gid = ids
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
 
 
 def _server_layout(cfg) -> list:

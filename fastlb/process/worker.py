@@ -110,16 +110,17 @@ class Worker:
         return 0
 
     def drain(self) -> None:
-        """Graceful stop: stop accepting, finish what is in flight, close idle connections."""
+        """Graceful stop: stop accepting, finish what is in flight, close idle connections (after a
+        short grace, see ClientConnection.drain), keep tunnels until graceful_timeout."""
         if self.draining:
             return
         self.draining = True
         self._stop_at = time.monotonic() + self.cfg.server.graceful_timeout
         for server in self.servers:
             server.close()
+        now = time.monotonic()
         for conn in list(self.connections):
-            if conn.active is None and conn.incoming is None and conn.tunnel is None:
-                conn.close()
+            conn.drain(now)
 
     def _update_clock(self) -> None:
         now = time.time()
