@@ -14,10 +14,9 @@ import uuid
 import psutil
 import pytest
 import websockets
-from websockets.sync.client import connect as ws_connect
-
 from conftest import free_port
 from tlsutil import make_pems
+from websockets.sync.client import connect as ws_connect
 
 
 @pytest.fixture(scope="module")
