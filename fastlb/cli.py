@@ -1,12 +1,12 @@
 """Command line: `fastlb serve | check | reload | stop | version`."""
 
 import argparse
-import logging
 import os
 import signal
 import sys
 
 from fastlb import __version__
+from fastlb.obs import errorlog
 
 # Flags of `serve`, each the same setting as the FASTLB_* variable it names (flag > env > file > default).
 _SERVE_FLAGS = [
@@ -41,12 +41,6 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--pid-file", help="pid file of the master")
     sub.add_parser("version", help="print the version")
     return p
-
-
-def _setup_logging() -> logging.Logger:
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                        format="%(asctime)s fastlb[%(process)d] %(levelname)s %(message)s")
-    return logging.getLogger("fastlb")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +80,7 @@ def load_config(path, cli, ingress_files):
 
 
 def _serve(args, config) -> int:
-    log = _setup_logging()
+    log = errorlog.setup()
     cli = {env: getattr(args, env) for _, env, _ in _SERVE_FLAGS if getattr(args, env) is not None}
     fingerprint = None
     if args.demo:
@@ -104,6 +98,7 @@ def _serve(args, config) -> int:
     except config.ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
+    errorlog.configure(cfg.log)
     from fastlb.process.master import Master
 
     try:

@@ -781,9 +781,12 @@ class LimitsSpec:
 @dataclass(frozen=True, slots=True)
 class LogSpec:
     access: str = _setting(
-        "", _Path(keep=("", "stdout"), label='"", "stdout" or path'), 'access log; "" = off'
+        "", _Path(keep=("", "stdout"), label='"", "stdout" or path'), 'JSON access log; "" = off'
     )
-    format: str = _setting("text", _Choice("text", "json"), "access log format")
+    access_buffer: int = _setting(
+        8 << 20, _Size(lo=1), "access log bytes waiting for the disk before lines are dropped"
+    )
+    format: str = _setting("text", _Choice("text", "json"), "error log format")
     level: str = _setting("info", _Choice("debug", "info", "warning", "error", "critical"), "error log level")
 
 

@@ -15,6 +15,7 @@ errors answer and close, because after them the parser can no longer find the ne
 
 import asyncio
 from collections import deque
+from time import monotonic
 
 import httptools
 from httptools import HttpParserError, HttpParserUpgrade
@@ -23,6 +24,8 @@ from fastlb import core
 from fastlb.http import upstream
 from fastlb.http.errors import error_response, redirect_response
 from fastlb.http.upstream import PAUSE_BODY, PAUSE_PIPELINE, PAUSE_UPGRADE
+from fastlb.obs.accesslog import record
+from fastlb.obs.metrics import observe
 
 _F_CHUNKED = core.F_CHUNKED
 _F_CONN_CLOSE = core.F_CONN_CLOSE
@@ -59,7 +62,8 @@ class Exchange:
     __slots__ = (
         "client", "method", "head", "flags", "request_id", "route", "backend", "keep_alive", "chunk_ok",
         "is_head", "server", "pending_server", "tried", "upstream", "body", "body_size", "body_sent",
-        "body_done", "response_state", "local", "key", "queued_at",
+        "body_done", "response_state", "local", "key", "queued_at", "t0", "status", "host", "target",
+        "bytes_in", "bytes_out", "last_server", "upstream_time", "attempts",
     )
 
     def __init__(self, client, method, head, flags, request_id, route, keep_alive, chunk_ok):
@@ -85,6 +89,14 @@ class Exchange:
         self.local = 0            # status of a response fastlb answers itself
         self.key = None           # hash key, for backends balanced by hash
         self.queued_at = 0.0      # when it started waiting for a server under max_connections
+        self.t0 = monotonic()     # request head received
+        self.status = 0           # the final response status, for the metrics
+        # for the access log:
+        self.host = self.target = None
+        self.bytes_in = self.bytes_out = 0
+        self.last_server = None
+        self.upstream_time = 0.0
+        self.attempts = 0
 
     def start(self) -> None:
         if self.local:
@@ -111,7 +123,8 @@ class Exchange:
         self.use(server, pooled=True)
 
     def use(self, server, pooled: bool) -> None:
-        self.server = server
+        self.server = self.last_server = server
+        self.attempts += 1
         server.active += 1
         if pooled:
             idle = server.idle
@@ -148,21 +161,27 @@ class Exchange:
         self.release_server()
         self.upstream = None
         self.pending_server = None
+        worker = client.worker
+        worker.area[server.m_errors[kind]] += 1
         if stale and not client.closed and not self.body_sent and self.method in _IDEMPOTENT:
+            worker.area[self.backend.m_retries] += 1
             self.use(server, pooled=False)
             return
-        if server.failed(kind, client.worker.now):
+        if server.failed(kind, worker.now):
             client.worker.log.warning("%s/%s ejected after %d consecutive failures (last: %s)",
                                       server.backend.name, server.name, server.backend.spec.max_fails, kind)
         if client.closed:
             return
         retry = not sent or (kind != "timeout" and not self.body_sent and self.method in _IDEMPOTENT)
         if retry and len(self.tried) <= self.backend.spec.retries:
+            worker.area[self.backend.m_retries] += 1
             self.try_next()
         else:
-            self.respond_local(504 if kind == "timeout" else 502)
+            # A connect timeout is a failed connect (502); only a response timeout is a 504.
+            self.respond_local(504 if kind == "timeout" and sent else 502)
 
     def feed_body(self, data: bytes) -> None:
+        self.bytes_in += len(data)
         if self.flags & _F_CHUNKED:
             # Re-chunk: extensions and the sender's chunk sizes are dropped (one framing, ours).
             data = b"%x\r\n%s\r\n" % (len(data), data)
@@ -200,9 +219,11 @@ class Exchange:
 
     def respond_local(self, status: int) -> None:
         client = self.client
-        self.local = status
+        self.local = self.status = status
         close = not self.keep_alive or client.worker.draining
-        client.transport.write(error_response(status, self.request_id, client.worker.date, close))
+        response = error_response(status, self.request_id, client.worker.date, close)
+        self.bytes_out += len(response)
+        client.transport.write(response)
         if close:
             self.keep_alive = False
         self.body = None
@@ -211,6 +232,14 @@ class Exchange:
     def response_done(self) -> None:
         self.response_state = 2
         self.release_server()
+        worker = self.client.worker
+        route = self.route or worker.no_route
+        area = worker.area
+        area[route.m_requests[self.status // 100 - 1]] += 1
+        now = monotonic()
+        observe(area, route.m_duration, now - self.t0)
+        if worker.access_log is not None:
+            worker.access_log.log(record(self, now, worker.iso_time))
         if self.body_done:
             self.client.exchange_done(self)
         elif self.upstream is not None:
@@ -223,7 +252,7 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "worker", "listener", "transport", "parser", "client_ip", "trust_xff", "url", "headers",
         "head_size", "incoming", "active", "queue", "paused", "write_paused", "deadline", "deadline_kind",
-        "closed", "held", "tunnel",
+        "closed", "held", "tunnel", "tls_version", "__weakref__",
     )
 
     def __init__(self, worker, listener):
@@ -246,11 +275,26 @@ class ClientConnection(asyncio.Protocol):
         self.closed = False
         self.held = None          # bytes after an Upgrade request, held until the backend answers
         self.tunnel = None
+        self.tls_version = None
+        if listener.m_tls is not None:
+            listener.tls_started += 1
+            worker.tls_pending.add(self)
 
     # -- connection lifecycle -------------------------------------------------------------------
     def connection_made(self, transport):
         self.transport = transport
         worker = self.worker
+        listener = self.listener
+        listener.open += 1
+        worker.area[listener.m_total] += 1
+        if listener.m_tls is not None:
+            listener.tls_done += 1
+            worker.tls_pending.discard(self)
+            tls = transport.get_extra_info("ssl_object")
+            self.tls_version = tls.version()
+            index = listener.m_tls.get((self.tls_version, tls.cipher()[0], tls.session_reused))
+            if index is not None:
+                worker.area[index] += 1
         peer = transport.get_extra_info("peername")
         if peer:
             self.client_ip = peer[0].encode()
@@ -289,8 +333,11 @@ class ClientConnection(asyncio.Protocol):
 
     def fail(self, status: int) -> None:
         """Answer a request that can't be framed, then close (the byte stream can't be trusted)."""
+        worker = self.worker
+        index = worker.m_bad.get(status)
+        if index is not None:
+            worker.area[index] += 1
         if self.active is None or self.active.response_state == 0:
-            worker = self.worker
             self.transport.write(error_response(status, worker.next_request_id(), worker.date, True))
         self.close()
 
@@ -305,6 +352,7 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc):
         self.closed = True
+        self.listener.open -= 1
         self.worker.connections.discard(self)
         if self.tunnel is not None:
             conn, self.tunnel = self.tunnel, None
@@ -427,6 +475,9 @@ class ClientConnection(asyncio.Protocol):
         keep_alive = chunk_ok and not flags & _F_CONN_CLOSE and not worker.draining
         ex = Exchange(self, method, head, flags, request_id, route, keep_alive, chunk_ok)
         ex.local = local
+        ex.host = host
+        ex.target = self.url
+        ex.bytes_in = self.head_size + len(self.url)
         if route is not None and route.backend.hash_key is not None:
             ex.key = route.backend.hash_key(headers, self.client_ip, self.url)
         self.deadline_kind = 0

@@ -11,11 +11,13 @@ over-long response.
 
 import asyncio
 import functools
+from time import monotonic
 
 import httptools
 from httptools import HttpParserError, HttpParserUpgrade
 
 from fastlb import core
+from fastlb.obs.metrics import observe
 
 _F_CHUNKED = core.F_CHUNKED
 _F_NO_BODY = core.F_NO_BODY
@@ -28,7 +30,7 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "worker", "server", "transport", "parser", "ex", "reason", "headers", "got_bytes", "complete",
         "keep", "dirty", "down_chunked", "until_close", "interim", "deadline", "idle_since", "tunnel",
-        "reused", "out",
+        "reused", "out", "sent_at",
     )
 
     def __init__(self, worker, server):
@@ -51,6 +53,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.tunnel = None       # the ClientConnection after a 101 upgrade
         self.reused = False
         self.out = []            # bytes for the client produced by one feed_data, sent in one write
+        self.sent_at = 0.0
 
     # -- connection lifecycle -------------------------------------------------------------------
     def connection_made(self, transport):
@@ -63,6 +66,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_bytes = False
         ex.upstream = self
         worker = self.worker
+        self.sent_at = monotonic()
         self.deadline = worker.now + ex.backend.spec.response_timeout
         worker.awaiting.add(self)
         if ex.client.write_paused:
@@ -113,7 +117,10 @@ class UpstreamConnection(asyncio.Protocol):
         out = self.out
         if out:
             self.out = []
-            self.ex.client.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            data = out[0] if len(out) == 1 else b"".join(out)
+            ex = self.ex
+            ex.bytes_out += len(data)
+            ex.client.transport.write(data)
 
     def eof_received(self):
         return False
@@ -196,6 +203,9 @@ class UpstreamConnection(asyncio.Protocol):
             server.fails = 0
         worker = self.worker
         worker.awaiting.discard(self)
+        ex.upstream_time = monotonic() - self.sent_at
+        observe(worker.area, server.m_upstream, ex.upstream_time)
+        ex.status = status
         close = not ex.keep_alive or worker.draining
         err, flags, head = core.response_head(status, self.reason, headers, ex.is_head, ex.chunk_ok, close)
         if err:
@@ -304,7 +314,7 @@ def connect(worker, server, ex) -> None:
 def _connected(conn, ex, timer, task) -> None:
     timer.cancel()
     if task.cancelled():
-        ex.upstream_failed(conn.server, "connect_timeout", sent=False)
+        ex.upstream_failed(conn.server, "timeout", sent=False)
         return
     if task.exception() is not None:
         ex.upstream_failed(conn.server, "connect", sent=False)

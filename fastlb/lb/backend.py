@@ -21,6 +21,7 @@ class Server:
     __slots__ = (
         "backend", "index", "gid", "name", "host", "port", "weight", "base_weight", "states", "ejected",
         "ejected_until", "ejections", "fails", "recovering_since", "was_up", "active", "cap", "idle",
+        "m_upstream", "m_active", "m_errors",
     )
 
     def __init__(self, backend: "Backend", index: int, gid: int, spec, states):
@@ -93,7 +94,7 @@ class Server:
 
 
 class Backend:
-    __slots__ = ("name", "spec", "servers", "balancer", "hash_key", "waiting")
+    __slots__ = ("name", "spec", "servers", "balancer", "hash_key", "waiting", "m_retries")
 
     def __init__(self, spec, first_gid: int, states):
         self.name = spec.name

@@ -11,7 +11,7 @@ from typing import Any
 
 
 class Route:
-    __slots__ = ("index", "name", "backend")
+    __slots__ = ("index", "name", "backend", "m_requests", "m_duration")
 
     def __init__(self, index: int, name: str, backend: Any):
         self.index = index
@@ -56,7 +56,7 @@ class _PathTable:
 class Router:
     """Maps (Host header, path) to a Route; built once per config generation."""
 
-    __slots__ = ("_exact", "_wildcard", "_any", "_default", "_hosts")
+    __slots__ = ("routes", "_exact", "_wildcard", "_any", "_default", "_hosts")
 
     def __init__(self, routes, default_backend: Any | None, backends: dict[str, Any]):
         self._exact: dict[bytes, _PathTable] = {}
@@ -65,8 +65,10 @@ class Router:
         # Host header as received -> (exact table, wildcard table): most clients send a handful of
         # Host values, so normalising and looking them up happens once per value, not per request.
         self._hosts: dict[bytes, tuple] = {}
+        self.routes: list[Route] = []
         for i, spec in enumerate(routes):
             route = Route(i, f"{spec.host or '*'}{spec.path}", backends[spec.backend])
+            self.routes.append(route)
             if spec.host is None:
                 if self._any is None:
                     self._any = _PathTable()
@@ -79,6 +81,8 @@ class Router:
         self._default = (
             Route(len(routes), "default", backends[default_backend]) if default_backend else None
         )
+        if self._default is not None:
+            self.routes.append(self._default)
 
     def match(self, host: bytes | None, target: bytes) -> Route | None:
         q = target.find(b"?")

@@ -7,20 +7,18 @@ sockets the master opened and holds, so a respawned or reloaded control process 
 import asyncio
 import os
 import signal
-import time
 
-import orjson
-
-from fastlb import __version__, core
 from fastlb.http.tiny import serve
 from fastlb.lb.health import HealthChecker
+from fastlb.obs.admin import Admin
 from fastlb.process import shm as shm_mod
 
 TICK = 0.5
 
 
 class Control:
-    def __init__(self, cfg, admin_socket, demo_sockets, shm, slot, master_pid, log):
+    def __init__(self, cfg, admin_socket, demo_sockets, shm, slot, master_pid, log, layout, store,
+                 cert_facts):
         self.cfg = cfg
         self.admin_socket = admin_socket
         self.demo_sockets = demo_sockets
@@ -28,7 +26,9 @@ class Control:
         self.slot = slot
         self.master_pid = master_pid
         self.log = log
-        self.started = time.time()
+        self.layout = layout
+        self.store = store
+        self.cert_facts = cert_facts
         self.loop = None
 
     def run(self) -> int:
@@ -36,18 +36,20 @@ class Control:
 
         self.loop = loop = uvloop.new_event_loop()
         asyncio.set_event_loop(loop)
-        servers = []
+        health = HealthChecker(self.cfg, self.shm.states, self.log)
+        health.start(loop)
         if self.admin_socket is not None:
-            servers.append(loop.run_until_complete(serve(loop, self.admin_socket, self.admin)))
+            admin = Admin(self.cfg, self.layout, self.store, self.shm.states, health, self.master_pid,
+                          self.cert_facts)
+            loop.run_until_complete(serve(loop, self.admin_socket, admin.handle))
         if self.demo_sockets:
             from fastlb.demo import handler
 
             for name, sock in self.demo_sockets:
-                servers.append(loop.run_until_complete(serve(loop, sock, handler(name))))
-        self.health = HealthChecker(self.cfg, self.shm.states, self.log)
-        self.health.start(loop)
+                loop.run_until_complete(serve(loop, sock, handler(name)))
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             loop.add_signal_handler(signum, loop.stop)
+        loop.add_signal_handler(signal.SIGUSR1, lambda: None)  # no log files of its own
         loop.call_later(TICK, self._tick)
         self.shm.set_state(self.slot, shm_mod.READY)
         loop.run_forever()
@@ -59,40 +61,3 @@ class Control:
             self.loop.stop()
             return
         self.loop.call_later(TICK, self._tick)
-
-    def admin(self, method, path, headers):
-        path = path.split("?", 1)[0]
-        if path == "/healthz":
-            return 200, "text/plain", b"ok\n"
-        if path == "/status":
-            return 200, "application/json", orjson.dumps(self.status())
-        return 404, "text/plain", b"not found\n"
-
-    def status(self) -> dict:
-        cfg = self.cfg
-        return {
-            "version": __version__,
-            "extension": core.EXTENSION,
-            "uptime_seconds": round(time.time() - self.started, 3),
-            "workers": cfg.workers_effective(),
-            "listeners": [
-                {"address": str(spec.address), "tls": spec.tls} for spec in cfg.listeners
-            ],
-            "backends": self._backends_status(),
-        }
-
-    def _backends_status(self) -> dict:
-        checks = self.health.results()
-        states = self.shm.states
-        out = {}
-        gid = 0
-        for name, spec in self.cfg.backends.items():
-            servers = []
-            for server in spec.servers:
-                entry = {"address": str(server.address), "weight": server.weight,
-                         "up": states[gid] == 1, "checked": spec.health is not None}
-                entry.update(checks.get(gid, {}))
-                servers.append(entry)
-                gid += 1
-            out[name] = {"balance": spec.balance, "servers": servers}
-        return out

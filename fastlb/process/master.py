@@ -21,6 +21,7 @@ import time
 import traceback
 
 from fastlb.net.sockets import open_listener
+from fastlb.obs import metrics
 from fastlb.process import shm as shm_mod
 
 BOOT_ERROR = 3
@@ -39,13 +40,14 @@ _UPGRADE_FROM = "_FASTLB_UPGRADE_FROM"
 
 
 class _Child:
-    __slots__ = ("pid", "kind", "slot", "generation", "started", "stopping")
+    __slots__ = ("pid", "kind", "slot", "generation", "started", "stopping", "area")
 
-    def __init__(self, pid, kind, slot, generation):
+    def __init__(self, pid, kind, slot, generation, area):
         self.pid = pid
         self.kind = kind          # "worker" | "control"
         self.slot = slot
         self.generation = generation
+        self.area = area          # its metrics area (workers), or None
         self.started = time.monotonic()
         self.stopping = False
 
@@ -63,6 +65,7 @@ class Master:
         self.admin_socket = None
         self.demo_sockets = []   # held here so a reloaded control process can serve them at once
         self.contexts = {}
+        self.cert_facts = []
         self.signals: list[int] = []
         self.deaths: dict[int, list[float]] = {}
         self.pending_spawns: list[tuple[float, str, int]] = []
@@ -70,6 +73,9 @@ class Master:
         self.stop_deadline = 0.0
         self.exit_code = 0
         self.shm = shm_mod.SharedBlock(MAX_SLOTS)
+        self.store = metrics.Store()
+        self.layout = metrics.Layout()
+        self.slot_areas: dict[int, int] = {}   # worker slot -> the metrics area it used last
         self.pid_file = None
         self.ids = None               # (uid, gid) children switch to, from [server] user/group
         self.upgrade_pid = None       # the new master of a binary upgrade in progress
@@ -107,14 +113,15 @@ class Master:
         named.update((f"demo {name}", sock) for name, sock in self.demo_sockets)
         return named
 
-    def _build_contexts(self, cfg) -> dict:
-        """SSLContexts built here, before fork, so all workers share one session-ticket key."""
+    def _build_contexts(self, cfg) -> tuple[dict, list]:
+        """SSLContexts built here, before fork, so all workers share one session-ticket key; and the
+        certificates' (name, notAfter) for the expiry metric, read while we can read the files."""
         if not any(spec.tls for spec in cfg.listeners):
-            return {}
-        from fastlb.net.tls import build_server_context
+            return {}, []
+        from fastlb.net.tls import build_server_context, certificate_facts
 
         ctx = build_server_context(cfg.tls, cfg.source or "environment")
-        return {i: ctx for i, spec in enumerate(cfg.listeners) if spec.tls}
+        return {i: ctx for i, spec in enumerate(cfg.listeners) if spec.tls}, certificate_facts(cfg.tls)
 
     def _slot_sockets(self, cfg, slot: int):
         return [(spec, self.sockets[(str(spec.address), spec.tls)][slot]) for spec in cfg.listeners]
@@ -123,7 +130,8 @@ class Master:
     def run(self) -> int:
         cfg = self.cfg
         self.ids = _resolve_ids(cfg)
-        self.contexts = self._build_contexts(cfg)
+        self.contexts, self.cert_facts = self._build_contexts(cfg)
+        self.layout.extend(cfg, metrics.tls_suites(self.contexts))
         self.sockets = self._open_sockets(cfg)
         if cfg.admin.address is not None:
             self.admin_socket = self._socket("admin", cfg.admin.address, reuseport=False)
@@ -272,11 +280,14 @@ class Master:
             return
         try:
             cfg = self.reload_config()
-            contexts = self._build_contexts(cfg)
+            contexts, cert_facts = self._build_contexts(cfg)
             sockets = self._open_sockets(cfg)
         except Exception as exc:  # ConfigError, or an OSError binding a new listener
             self.log.error("reload failed, keeping the running config: %s", exc)
+            self._count("fastlb_config_reloads_total", result="failure")
             return
+        self.layout.extend(cfg, metrics.tls_suites(contexts))
+        self._count("fastlb_config_reloads_total", result="success")
         for key, socks in self.sockets.items():
             for i, sock in enumerate(socks):
                 if key not in sockets or i >= len(sockets[key]):
@@ -284,7 +295,7 @@ class Master:
         if _server_layout(cfg) != _server_layout(self.cfg):
             # State bytes are numbered by position: a changed server list starts everyone up again.
             self.shm.states[:] = b"\x01" * len(self.shm.states)
-        self.cfg, self.contexts, self.sockets = cfg, contexts, sockets
+        self.cfg, self.contexts, self.sockets, self.cert_facts = cfg, contexts, sockets, cert_facts
         old = list(self.children.values())
         self.generation += 1
         self._spawn("control", self._control_slot())
@@ -296,15 +307,36 @@ class Master:
         self.log.info("reloaded: generation %d", self.generation)
 
     # -- children ------------------------------------------------------------------------------------
+    def _count(self, family: str, **labels) -> None:
+        self.store.master_area()[self.layout.counter(family, **labels)] += 1
+
+    def _take_area(self, slot: int) -> int:
+        """A metrics area no live worker writes: the slot's previous one if free (its counts go on)."""
+        busy = {c.area for c in self.children.values()}
+        preferred = self.slot_areas.get(slot)
+        if preferred is not None and preferred not in busy:
+            return preferred
+        used = set(self.slot_areas.values())
+        free = [a for a in range(metrics.AREAS) if a not in busy]
+        never_used = [a for a in free if a not in used]
+        area = never_used[0] if never_used else free[0]
+        self.slot_areas[slot] = area
+        return area
+
     def _spawn(self, kind: str, slot: int) -> None:
         cfg = self.cfg
         self.shm.reset(slot)
+        area = self._take_area(slot) if kind == "worker" else None
         pid = os.fork()
         if pid == 0:
-            os._exit(self._child_main(kind, slot, cfg))
-        self.children[pid] = _Child(pid, kind, slot, self.generation)
+            os._exit(self._child_main(kind, slot, cfg, area))
+        if area is not None:
+            header = self.store.header(area)
+            header[metrics.PID], header[metrics.STARTED] = pid, time.time()
+            header[metrics.LIVE], header[metrics.SLOT] = 1, slot
+        self.children[pid] = _Child(pid, kind, slot, self.generation, area)
 
-    def _child_main(self, kind: str, slot: int, cfg) -> int:
+    def _child_main(self, kind: str, slot: int, cfg, area: int | None) -> int:
         master_pid = os.getppid()
         signal.set_wakeup_fd(-1)
         for signum in _SIGNALS:
@@ -328,10 +360,10 @@ class Master:
             _drop_privileges(self.ids)
             if kind == "worker":
                 worker = Worker(cfg, slot, self._slot_sockets(cfg, slot), self.contexts, self.shm,
-                                master_pid, self.log)
+                                master_pid, self.log, self.layout, self.store.area(area))
                 return worker.run()
             return Control(cfg, self.admin_socket, self.demo_sockets, self.shm, slot, master_pid,
-                           self.log).run()
+                           self.log, self.layout, self.store, self.cert_facts).run()
         except BaseException as exc:  # noqa: BLE001 - whatever it is, the master must hear why
             ready = self.shm.read(slot)[1] == shm_mod.READY
             reason = "".join(traceback.format_exception_only(exc)).strip()
@@ -381,6 +413,12 @@ class Master:
                 self.upgrade_pid = None
 
     def _child_exited(self, child: _Child, status: int) -> None:
+        if child.area is not None:
+            # The area's counters stay (the next worker adds to them); its gauges die with it.
+            self.store.header(child.area)[metrics.LIVE] = 0
+            area = self.store.area(child.area)
+            for index in self.layout.gauges:
+                area[index] = 0.0
         code = os.waitstatus_to_exitcode(status)
         if self.stopping is not None or child.stopping:
             return
@@ -392,6 +430,8 @@ class Master:
             return
         how = f"signal {-code}" if code < 0 else f"exit code {code}"
         self.log.warning("%s %d (slot %d) died with %s; respawning", child.kind, child.pid, child.slot, how)
+        if child.kind == "worker":
+            self._count("fastlb_worker_restarts_total")
         now = time.monotonic()
         recent = [t for t in self.deaths.get(child.slot, []) if now - t < _RESPAWN_WINDOW] + [now]
         self.deaths[child.slot] = recent

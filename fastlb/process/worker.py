@@ -12,11 +12,14 @@ import logging
 import os
 import signal
 import time
+import weakref
 from email.utils import formatdate
 
 from fastlb.http.client import ClientConnection
 from fastlb.lb.backend import build_backends
-from fastlb.lb.router import Router
+from fastlb.lb.router import Route, Router
+from fastlb.obs import metrics
+from fastlb.obs.accesslog import AccessLog
 from fastlb.process import shm as shm_mod
 
 TICK = 0.25
@@ -25,15 +28,25 @@ TICK = 0.25
 class ListenerInfo:
     """What a connection needs to know about the listener that accepted it, pre-encoded."""
 
-    __slots__ = ("spec", "proto", "port", "authority", "redirect_to_https", "https_port")
+    __slots__ = (
+        "spec", "name", "proto", "port", "authority", "redirect_to_https", "https_port", "open", "tls_started",
+        "tls_done", "tls_failed", "m_open", "m_total", "m_tls", "m_tls_errors",
+    )
 
     def __init__(self, spec, https_port: int | None):
         self.spec = spec
+        self.name = str(spec.address)
         self.proto = b"https" if spec.tls else b"http"
         self.port = str(spec.address.port).encode()
         self.authority = str(spec.address).encode()
         self.redirect_to_https = spec.redirect_to_https and not spec.tls
         self.https_port = b"" if https_port in (None, 443) else b":%d" % https_port
+        self.open = 0             # connections open now
+        self.tls_started = 0      # protocol objects made for TLS connections (before the handshake)
+        self.tls_done = 0         # of which completed the handshake
+        self.tls_failed = 0       # handshake failures already added to the metrics area
+        self.m_open = self.m_total = self.m_tls_errors = 0
+        self.m_tls = None         # (version, cipher, resumed) -> series index, for TLS listeners
 
     def https_location(self, host: bytes | None, target: bytes) -> bytes:
         name = (host or self.spec.address.host.encode())
@@ -45,7 +58,8 @@ class ListenerInfo:
 
 
 class Worker:
-    def __init__(self, cfg, slot: int, sockets, contexts, shm, master_pid: int, log: logging.Logger):
+    def __init__(self, cfg, slot: int, sockets, contexts, shm, master_pid: int, log: logging.Logger,
+                 layout, area):
         self.cfg = cfg
         self.slot = slot
         self.sockets = sockets          # [(ListenerSpec, socket)] for this slot
@@ -56,6 +70,17 @@ class Worker:
         self.limits = cfg.limits
         self.backends = build_backends(cfg, shm.states)
         self.router = Router(cfg.routes, cfg.default_backend, self.backends)
+        self.no_route = Route(-1, "-", None)   # what 404s are counted under
+        https_port = next((s.address.port for s in cfg.listeners if s.tls), None)
+        self.listeners = [ListenerInfo(spec, https_port) for spec, _ in sockets]
+        self.area = area                # this worker's metrics area (float64 memoryview)
+        self.m_bad = {}
+        metrics.bind(layout, self)
+        self.tls_pending = weakref.WeakSet()  # TLS protocols whose handshake has not completed
+        self.access_log = AccessLog(cfg.log.access, cfg.log.access_buffer) if cfg.log.access else None
+        self.m_dropped = layout.find("fastlb_access_log_dropped_total")
+        self._dropped_seen = 0
+        self.iso_time = ""
         self._trusted = [ipaddress.ip_network(n, strict=False) for n in cfg.server.trusted_proxies]
         self.connections: set[ClientConnection] = set()
         self.awaiting: set = set()      # upstream connections waiting for a response head
@@ -86,9 +111,7 @@ class Worker:
 
         self.loop = loop = uvloop.new_event_loop()
         asyncio.set_event_loop(loop)
-        https_port = next((s.address.port for s in self.cfg.listeners if s.tls), None)
-        for index, (spec, sock) in enumerate(self.sockets):
-            info = ListenerInfo(spec, https_port)
+        for index, (info, (_, sock)) in enumerate(zip(self.listeners, self.sockets, strict=True)):
             ctx = self.contexts.get(index)
             server = loop.run_until_complete(loop.create_server(
                 lambda info=info: ClientConnection(self, info), sock=sock, ssl=ctx,
@@ -99,6 +122,7 @@ class Worker:
         loop.add_signal_handler(signal.SIGTERM, self.drain)
         loop.add_signal_handler(signal.SIGINT, loop.stop)
         loop.add_signal_handler(signal.SIGQUIT, loop.stop)
+        loop.add_signal_handler(signal.SIGUSR1, self.reopen_logs)
         self._stop_at = None
         loop.call_later(TICK, self._tick)
         self.shm.set_state(self.slot, shm_mod.READY)
@@ -107,6 +131,8 @@ class Worker:
         finally:
             for conn in list(self.connections):
                 conn.transport.abort()
+            if self.access_log is not None:
+                self.access_log.close()
         return 0
 
     def drain(self) -> None:
@@ -129,6 +155,32 @@ class Worker:
             self._second = second
             # RFC 9110 §6.6.1: IMF-fixdate; refreshed once a second, not per response.
             self.date = formatdate(now, usegmt=True).encode()
+            self.iso_time = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(now))
+
+    def reopen_logs(self) -> None:
+        if self.access_log is not None:
+            self.access_log.reopen()
+
+    def _publish_gauges(self) -> None:
+        area = self.area
+        log = self.access_log
+        if log is not None:
+            log.flush()
+            dropped = log.dropped + log.failed
+            area[self.m_dropped] += dropped - self._dropped_seen
+            self._dropped_seen = dropped
+        for info in self.listeners:
+            area[info.m_open] = info.open
+            if info.m_tls is not None:
+                # uvloop calls no protocol method when a handshake fails or times out: a protocol made
+                # for a TLS connection that never completed and is gone (weakly held) has failed.
+                pending = sum(1 for c in self.tls_pending if c.listener is info)
+                failed = info.tls_started - info.tls_done - pending
+                area[info.m_tls_errors] += failed - info.tls_failed
+                info.tls_failed = failed
+        for backend in self.backends.values():
+            for server in backend.servers:
+                area[server.m_active] = server.active
 
     def _tick(self) -> None:
         self.now = now = time.monotonic()
@@ -142,6 +194,7 @@ class Worker:
             conn.on_deadline()
         for conn in [c for c in self.awaiting if c.deadline < now]:
             conn.timed_out()
+        self._publish_gauges()
         for backend in self.backends.values():
             timeout = backend.spec.idle_timeout
             for server in backend.servers:
