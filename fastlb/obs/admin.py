@@ -129,12 +129,12 @@ class Admin:
             for server in spec.servers:
                 address = str(server.address)
                 labels = {"backend": name, "server": address}
-                count = find("fastlb_upstream_response_seconds", **labels) + len(metrics.BUCKETS) + 2
+                base = find("fastlb_upstream_response_seconds", **labels)
                 entry = {
                     "address": address, "weight": server.weight, "up": self.states[gid] == 1,
                     "checked": spec.health is not None,
                     "active_requests": total(find("fastlb_backend_server_active_requests", **labels), live),
-                    "requests": total(count),
+                    "requests": sum(total(base + j) for j in range(metrics.HIST_SUM)),
                 }
                 entry.update(checks.get(gid, {}))
                 servers.append(entry)

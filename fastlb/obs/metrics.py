@@ -14,7 +14,9 @@ import mmap
 
 # Latency buckets in seconds (upper bounds; +Inf is implicit).
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-_HIST_SIZE = len(BUCKETS) + 3  # buckets, +Inf, sum, count
+# buckets, +Inf, sum; the count is the +Inf bucket's cumulative value, derived on scrape
+_HIST_SIZE = len(BUCKETS) + 2
+HIST_SUM = _HIST_SIZE - 1
 CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 UPSTREAM_ERRORS = ("connect", "timeout", "reset", "invalid")
 BAD_STATUSES = (400, 405, 408, 413, 414, 417, 431, 500, 501, 505)
@@ -167,8 +169,7 @@ def tls_suites(contexts) -> list[tuple[str, str]]:
 def observe(area, base: int, seconds: float) -> None:
     """One histogram observation (non-cumulative bucket counts; cumulated on scrape)."""
     area[base + bisect.bisect_left(BUCKETS, seconds)] += 1.0
-    area[base + _HIST_SIZE - 2] += seconds
-    area[base + _HIST_SIZE - 1] += 1.0
+    area[base + HIST_SUM] += seconds
 
 
 def _labels(labels: tuple, extra: str = "") -> str:
@@ -201,8 +202,8 @@ def render(layout: Layout, store: Store, extra: list[tuple[str, tuple, float]]) 
                 cumulative += total(index + j)
                 le = 'le="+Inf"' if bound == float("inf") else f'le="{bound!r}"'
                 lines.append(f"{family}_bucket{_labels(labels, le)} {_num(cumulative)}")
-            lines.append(f"{family}_sum{_labels(labels)} {_num(total(index + _HIST_SIZE - 2))}")
-            lines.append(f"{family}_count{_labels(labels)} {_num(total(index + _HIST_SIZE - 1))}")
+            lines.append(f"{family}_sum{_labels(labels)} {_num(total(index + HIST_SUM))}")
+            lines.append(f"{family}_count{_labels(labels)} {_num(cumulative)}")
         else:
             lines.append(f"{family}{_labels(labels)} {_num(total(index))}")
     for family, labels, value in extra:
