@@ -16,10 +16,19 @@ import pytest
 HERE = Path(__file__).parent
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on, never the same twice in one test run: the kernel readily hands
+    a just-closed ephemeral port out again, which made two 'free' ports collide."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:

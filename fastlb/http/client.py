@@ -14,6 +14,8 @@ errors answer and close, because after them the parser can no longer find the ne
 """
 
 import asyncio
+import socket
+import struct
 from collections import deque
 from time import monotonic
 
@@ -23,11 +25,13 @@ from httptools import HttpParserError, HttpParserUpgrade
 from fastlb import core
 from fastlb.http import upstream
 from fastlb.http.errors import error_response, redirect_response
-from fastlb.http.upstream import PAUSE_BODY, PAUSE_PIPELINE, PAUSE_UPGRADE
+from fastlb.http.upstream import PAUSE_BODY, PAUSE_FAILED, PAUSE_PIPELINE, PAUSE_UPGRADE
+from fastlb.lb.router import InvalidHost
 from fastlb.obs.accesslog import record
 from fastlb.obs.metrics import observe
 
 _F_CHUNKED = core.F_CHUNKED
+_F_CONTENT_LENGTH = core.F_CONTENT_LENGTH
 _F_CONN_CLOSE = core.F_CONN_CLOSE
 _F_HAS_HOST = core.F_HAS_HOST
 _request_head = core.request_head
@@ -40,9 +44,11 @@ _CHUNK_END = b"0\r\n\r\n"
 _BODY_BUFFER_CAP = 64 * 1024
 
 DRAIN_GRACE = 1.0
+_LINGER_RESET = struct.pack("ii", 1, 0)
+_MAX_CHUNK_FRAMING = 4096
 
 # What the connection's deadline means when it passes.
-_IDLE, _HEADER = 1, 2
+_IDLE, _HEADER, _BODY = 1, 2, 3
 
 
 class _Reject(Exception):
@@ -50,6 +56,36 @@ class _Reject(Exception):
 
     def __init__(self, status: int):
         self.status = status
+
+
+def _request_start_problem(line: bytes) -> int | None:
+    """What llhttp forgives at the start of a request, and fastlb refuses before it parses it: a bare
+    CR or LF, or more than one empty line, before the request line (RFC 9112 §2.2 allows one CRLF),
+    and a request line that is not exactly METHOD SP TARGET SP VERSION (§3: single spaces).
+    Returns the status to answer, 0 if fine, None if the request line is not complete yet."""
+    rest = line[2:] if line.startswith(b"\r\n") else line
+    if rest[:1] in (b"\r", b"\n") and line != b"\r":
+        return 400  # a bare CR or LF, or a second empty line
+    end = rest.find(b"\n")
+    if end < 0:
+        return None
+    request_line = rest[:end - 1]
+    if rest[end - 1:end] != b"\r":
+        return 400
+    spaces = request_line.count(b" ")
+    if spaces == 1 and not request_line.startswith(b" "):
+        return 505  # HTTP/0.9: METHOD SP TARGET and no version
+    if spaces != 2 or b"  " in request_line or request_line.startswith(b" "):
+        return 400
+    return 0
+
+
+def _content_length(headers) -> int:
+    """The (already validated, single) Content-Length; read only when max_body_bytes is set."""
+    for name, value in headers:
+        if name.lower() == b"content-length":
+            return int(value)
+    return 0
 
 
 class _Answered(Exception):
@@ -63,7 +99,7 @@ class Exchange:
         "client", "method", "head", "flags", "request_id", "route", "backend", "keep_alive", "chunk_ok",
         "is_head", "server", "pending_server", "tried", "upstream", "body", "body_size", "body_sent",
         "body_done", "response_state", "local", "key", "queued_at", "t0", "status", "host", "target",
-        "bytes_in", "bytes_out", "last_server", "upstream_time", "attempts",
+        "bytes_in", "bytes_out", "last_server", "upstream_time", "attempts", "body_received",
     )
 
     def __init__(self, client, method, head, flags, request_id, route, keep_alive, chunk_ok):
@@ -97,6 +133,7 @@ class Exchange:
         self.last_server = None
         self.upstream_time = 0.0
         self.attempts = 0
+        self.body_received = 0
 
     def start(self) -> None:
         if self.local:
@@ -182,6 +219,7 @@ class Exchange:
 
     def feed_body(self, data: bytes) -> None:
         self.bytes_in += len(data)
+        self.body_received += len(data)
         if self.flags & _F_CHUNKED:
             # Re-chunk: extensions and the sender's chunk sizes are dropped (one framing, ours).
             data = b"%x\r\n%s\r\n" % (len(data), data)
@@ -221,7 +259,7 @@ class Exchange:
         client = self.client
         self.local = self.status = status
         close = not self.keep_alive or client.worker.draining
-        response = error_response(status, self.request_id, client.worker.date, close)
+        response = error_response(status, self.request_id, client.worker.date, close, self.is_head)
         self.bytes_out += len(response)
         client.transport.write(response)
         if close:
@@ -252,7 +290,9 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "worker", "listener", "transport", "parser", "client_ip", "trust_xff", "url", "headers",
         "head_size", "incoming", "active", "queue", "paused", "write_paused", "deadline", "deadline_kind",
-        "closed", "held", "tunnel", "tls_version", "__weakref__",
+        "closed", "held", "tunnel", "tls_version", "failed", "at_start", "line", "raw_body", "decoded",
+        "chunks", "counting", "send_deadline", "read", "tail", "msg_at", "head_end", "body_at_read",
+        "__weakref__",
     )
 
     def __init__(self, worker, listener):
@@ -276,6 +316,21 @@ class ClientConnection(asyncio.Protocol):
         self.held = None          # bytes after an Upgrade request, held until the backend answers
         self.tunnel = None
         self.tls_version = None
+        self.failed = 0           # status of a bad pipelined request, answered after the ones before it
+        self.at_start = True      # the next byte begins a request (checked before llhttp sees it)
+        self.line = b""           # the request line so far, while at_start
+        self.raw_body = 0         # chunked body: wire bytes of reads wholly inside the body ...
+        self.decoded = 0          # ... and the body bytes they carried: the difference is framing
+        self.chunks = 0
+        self.counting = False
+        self.send_deadline = 0.0  # set while the client is not reading what we write
+        # Where requests begin inside the current read, so that what llhttp forgives between two
+        # pipelined requests can be checked too (see on_message_complete).
+        self.read = b""
+        self.tail = b""           # the previous read's last 3 bytes (a head end may straddle reads)
+        self.msg_at = -1          # offset of the current request's first byte in `read`, -1 unknown
+        self.head_end = -1        # offset just past the current request's head in `read`, -1 unknown
+        self.body_at_read = 0     # body bytes the current request had before this read
         if listener.m_tls is not None:
             listener.tls_started += 1
             worker.tls_pending.add(self)
@@ -285,6 +340,14 @@ class ClientConnection(asyncio.Protocol):
         self.transport = transport
         worker = self.worker
         listener = self.listener
+        limit = worker.limits.max_connections
+        if limit and len(worker.connections) >= limit:
+            # Over the per-worker cap: accepted and closed at once, so the worker stays responsive.
+            self.closed = True
+            transport.abort()
+            worker.connections.add(self)
+            listener.open += 1
+            return
         listener.open += 1
         worker.area[listener.m_total] += 1
         if listener.m_tls is not None:
@@ -300,7 +363,7 @@ class ClientConnection(asyncio.Protocol):
             self.client_ip = peer[0].encode()
             self.trust_xff = worker.is_trusted(peer[0])
         self.parser = httptools.HttpRequestParser(self)
-        self.deadline = worker.now + worker.limits.header_timeout
+        self.deadline = monotonic() + worker.limits.header_timeout
         self.deadline_kind = _HEADER
         worker.connections.add(self)
 
@@ -308,12 +371,55 @@ class ClientConnection(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel.transport.write(data)
             return
+        if self.closed or self.paused & PAUSE_FAILED:
+            return  # a broken stream: nothing after the bad request is parsed
+        if self.at_start and not self._check_request_line(data):
+            return
+        ex = self.incoming
+        self.read = data
+        self.head_end = -1
+        if not self.at_start:
+            self.msg_at = -1
+        self.body_at_read = ex.body_received if ex is not None else 0
+        self.counting = self.deadline_kind == _BODY and ex.flags & _F_CHUNKED
+        if self.counting:
+            self.raw_body += len(data)
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
             self._hold_after_upgrade(data[exc.args[0]:])
         except HttpParserError as exc:
             self._parse_error(exc)
+        self.tail = data[-3:]
+        if self.counting:
+            self.counting = False
+            if self._too_much_framing() and not self.closed:
+                self.fail(400)
+
+    def _too_much_framing(self) -> bool:
+        """Chunk extensions are dropped, but not unbounded: over 4 KiB of framing beyond what the
+        chunk-size lines need is refused (llhttp sets no limit of its own).  The wire bytes counted
+        are whole reads, so a request pipelined in the same read counts too: the limit is generous."""
+        return self.raw_body - self.decoded > _MAX_CHUNK_FRAMING + 24 * self.chunks
+
+    def _check_request_line(self, data: bytes) -> bool:
+        """Check the bytes that start a read at a request boundary (see _request_start_problem)."""
+        line = self.line + data
+        status = _request_start_problem(line)
+        if status is None:  # no complete request line yet
+            if len(line) > self.worker.limits.max_request_line:
+                self.at_start = False  # llhttp answers 414 on its own
+            else:
+                self.line = line
+            self.msg_at = -1
+            return True
+        self.at_start = False
+        self.msg_at = 0 if not self.line else -1  # where this read's first request starts, if known
+        self.line = b""
+        if status:
+            self.fail(status)
+            return False
+        return True
 
     def _parse_error(self, exc: HttpParserError) -> None:
         if self.closed:
@@ -328,16 +434,34 @@ class ClientConnection(asyncio.Protocol):
             self.worker.log.exception("bug while parsing a request", exc_info=cause)
             status = 500
         else:
-            status = 400
+            reason = str(exc)
+            if reason.startswith("Data after `Connection: close`"):
+                # The last request asked to close: what follows is ignored, not answered.
+                self.pause(PAUSE_FAILED)
+                return
+            # llhttp's words for an HTTP version it does not speak (1.2, 2.0's PRI preface)
+            status = 505 if reason in ("Invalid HTTP version", "Pause on PRI/Upgrade") else 400
         self.fail(status)
 
     def fail(self, status: int) -> None:
-        """Answer a request that can't be framed, then close (the byte stream can't be trusted)."""
+        """Answer a request that can't be framed, then close (the byte stream can't be trusted).
+
+        Requests pipelined before the bad one are answered first, in order: the error is the answer
+        to the bad request, so it goes out after theirs."""
         worker = self.worker
         index = worker.m_bad.get(status)
         if index is not None:
             worker.area[index] += 1
-        if self.active is None or self.active.response_state == 0:
+        self.pause(PAUSE_FAILED)
+        bad = self.incoming
+        self.incoming = None
+        if self.queue and bad is not None and bad in self.queue:
+            self.queue.remove(bad)
+        active = self.active
+        if active is not None and active is not bad and active.response_state != 2:
+            self.failed = status
+            return
+        if active is None or active.response_state == 0:
             self.transport.write(error_response(status, worker.next_request_id(), worker.date, True))
         self.close()
 
@@ -347,7 +471,15 @@ class ClientConnection(asyncio.Protocol):
             self.transport.close()
 
     def abort(self) -> None:
+        """Reset the connection: SO_LINGER 0 makes close() send RST and drop queued data (socket(7)),
+        so a client that stopped reading is really cut, and a broken response never ends cleanly."""
         self.closed = True
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            except OSError:
+                pass
         self.transport.abort()
 
     def connection_lost(self, exc):
@@ -369,6 +501,7 @@ class ClientConnection(asyncio.Protocol):
 
     def pause_writing(self):
         self.write_paused = True
+        self.send_deadline = monotonic() + self.worker.limits.send_timeout
         ex = self.active
         if ex is not None and ex.upstream is not None:
             ex.upstream.transport.pause_reading()
@@ -377,6 +510,7 @@ class ClientConnection(asyncio.Protocol):
 
     def resume_writing(self):
         self.write_paused = False
+        self.send_deadline = 0.0
         ex = self.active
         if ex is not None and ex.upstream is not None:
             ex.upstream.transport.resume_reading()
@@ -402,7 +536,7 @@ class ClientConnection(asyncio.Protocol):
             self.deadline = min(self.deadline, now + DRAIN_GRACE)
 
     def on_deadline(self) -> None:
-        if self.deadline_kind == _HEADER:
+        if self.deadline_kind in (_HEADER, _BODY):
             self.fail(408)
         else:
             self.close()
@@ -414,7 +548,7 @@ class ClientConnection(asyncio.Protocol):
         self.head_size = 0
         if self.deadline_kind != _HEADER:
             # header_timeout is a total deadline for the head, counted from its first byte.
-            self.deadline = self.worker.now + self.worker.limits.header_timeout
+            self.deadline = monotonic() + self.worker.limits.header_timeout
             self.deadline_kind = _HEADER
 
     def on_url(self, url):
@@ -458,6 +592,16 @@ class ClientConnection(asyncio.Protocol):
         else:
             local = 0
         chunk_ok = version == "1.1"
+        url = self.url
+        if not url.startswith(b"/") and not (url == b"*" and method == b"OPTIONS"):
+            # absolute-form, authority-form and asterisk-form (outside OPTIONS) are refused: we route
+            # on Host, and a target naming another host would make the two disagree (§3.2).
+            raise _Reject(405 if method == b"CONNECT" else 400)
+        if flags & _F_CHUNKED and not chunk_ok:
+            raise _Reject(400)  # RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0 is faulty framing
+        limit = self.worker.limits.max_body_bytes
+        if limit and flags & _F_CONTENT_LENGTH and _content_length(headers) > limit:
+            raise _Reject(413)  # refused before the body is read
         if not flags & _F_HAS_HOST:
             if chunk_ok:
                 raise _Reject(400)  # RFC 9112 §3.2: a 1.1 request without Host is invalid
@@ -470,7 +614,10 @@ class ClientConnection(asyncio.Protocol):
             self.transport.write(redirect_response(
                 listener.https_location(host, self.url), request_id, worker.date, True))
             raise _Answered()
-        route = worker.router.match(host, self.url)
+        try:
+            route = worker.router.match(host, b"/" if url == b"*" else url)
+        except InvalidHost:
+            raise _Reject(400) from None  # RFC 9112 §3.2: a Host that is not a valid uri-host[:port]
         # HTTP/1.0 clients are closed after the response (RFC 9112 §9.3): no guessing at 1.0 keep-alive.
         keep_alive = chunk_ok and not flags & _F_CONN_CLOSE and not worker.draining
         ex = Exchange(self, method, head, flags, request_id, route, keep_alive, chunk_ok)
@@ -480,7 +627,25 @@ class ClientConnection(asyncio.Protocol):
         ex.bytes_in = self.head_size + len(self.url)
         if route is not None and route.backend.hash_key is not None:
             ex.key = route.backend.hash_key(headers, self.client_ip, self.url)
-        self.deadline_kind = 0
+        if self.msg_at >= 0:
+            found = self.read.find(b"\r\n\r\n", self.msg_at)
+            self.head_end = found + 4 if found >= 0 else -1
+        else:
+            found = (self.tail + self.read).find(b"\r\n\r\n")
+            self.head_end = found + 4 - len(self.tail) if found >= 0 else -1
+            if self.head_end < 0:
+                self.head_end = -1
+        if flags & (_F_CONTENT_LENGTH | _F_CHUNKED):
+            # body_timeout: the longest silence allowed while the request body arrives
+            self.deadline = monotonic() + worker.limits.body_timeout
+            self.deadline_kind = _BODY
+            self.raw_body = self.decoded = self.chunks = 0
+            if flags & _F_CHUNKED and self.head_end >= 0:
+                # the rest of this read is (at most) this body: count its framing too
+                self.raw_body = len(self.read) - self.head_end
+                self.counting = True
+        else:
+            self.deadline_kind = 0
         self.incoming = ex
         if self.active is None:
             self.active = ex
@@ -492,12 +657,49 @@ class ClientConnection(asyncio.Protocol):
             self.pause(PAUSE_PIPELINE)
 
     def on_body(self, body):
-        self.incoming.feed_body(body)
+        ex = self.incoming
+        if self.deadline_kind == _BODY:
+            self.deadline = monotonic() + self.worker.limits.body_timeout
+        limit = self.worker.limits.max_body_bytes
+        if limit and ex.body_received + len(body) > limit:
+            raise _Reject(413)  # counted for chunked bodies (Content-Length was checked up front)
+        if self.counting:
+            self.decoded += len(body)
+        ex.feed_body(body)
+
+    def on_chunk_header(self):
+        self.chunks += 1
 
     def on_message_complete(self):
         ex = self.incoming
+        if self.counting and self._too_much_framing():
+            raise _Reject(400)  # checked before the terminator goes upstream
         self.incoming = None
+        self.at_start = True
+        if self.deadline_kind == _BODY:
+            self.deadline_kind = 0
         ex.body_complete()
+        end = self._message_end(ex)
+        self.msg_at = end
+        if end >= 0 and end < len(self.read):
+            # A pipelined request follows in this very read: llhttp is about to parse it without
+            # letting us look first, so check its start here (the same rules as at a read's start).
+            status = _request_start_problem(self.read[end:])
+            if status:
+                raise _Reject(status)
+            if status == 0:
+                self.at_start = False
+
+    def _message_end(self, ex) -> int:
+        """Offset in the current read just past the request that just completed, or -1 when it can't
+        be known (a chunked body: its framing is not visible through httptools)."""
+        if ex.flags & _F_CHUNKED:
+            return -1
+        if self.head_end >= 0:        # head (and so the whole body) in this read
+            return self.head_end + ex.body_received
+        if self.msg_at < 0 and ex.body_received > self.body_at_read:
+            return ex.body_received - self.body_at_read  # the body began in an earlier read
+        return -1
 
     # -- the end of an exchange ------------------------------------------------------------------
     def exchange_done(self, ex) -> None:
@@ -514,11 +716,16 @@ class ClientConnection(asyncio.Protocol):
             nxt.start()
             return
         self.active = None
+        if self.failed:
+            worker = self.worker
+            self.transport.write(error_response(self.failed, worker.next_request_id(), worker.date, True))
+            self.close()
+            return
         if self.incoming is None:
             worker = self.worker
             # While draining, a response that went out before the drain began promised keep-alive:
             # the client may already be sending its next request, which gets Connection: close.
-            self.deadline = worker.now + (DRAIN_GRACE if worker.draining else worker.limits.idle_timeout)
+            self.deadline = monotonic() + (DRAIN_GRACE if worker.draining else worker.limits.idle_timeout)
             self.deadline_kind = _IDLE
         held = self.held
         if held is not None:

@@ -26,9 +26,11 @@ def _encode(status: int, close: bool) -> tuple[bytes, bytes]:
 _PREFIX = {(s, c): _encode(s, c) for s in _STATUSES for c in (False, True)}
 
 
-def error_response(status: int, request_id: bytes, date: bytes, close: bool) -> bytes:
+def error_response(status: int, request_id: bytes, date: bytes, close: bool, head_request: bool = False) -> bytes:
+    """head_request: the answer to HEAD has the same head but no body (RFC 9110 §9.3.2)."""
     head, body = _PREFIX[(status, close)]
-    return b"".join((head, date, b"\r\nX-Request-ID: ", request_id, b"\r\n\r\n", body))
+    return b"".join((head, date, b"\r\nX-Request-ID: ", request_id, b"\r\n\r\n",
+                     b"" if head_request else body))
 
 
 def redirect_response(location: bytes, request_id: bytes, date: bytes, close: bool) -> bytes:

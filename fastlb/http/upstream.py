@@ -30,7 +30,7 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "worker", "server", "transport", "parser", "ex", "reason", "headers", "got_bytes", "complete",
         "keep", "dirty", "down_chunked", "until_close", "interim", "deadline", "idle_since", "tunnel",
-        "reused", "out", "sent_at",
+        "reused", "out", "sent_at", "head_size",
     )
 
     def __init__(self, worker, server):
@@ -54,6 +54,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.reused = False
         self.out = []            # bytes for the client produced by one feed_data, sent in one write
         self.sent_at = 0.0
+        self.head_size = 0
 
     # -- connection lifecycle -------------------------------------------------------------------
     def connection_made(self, transport):
@@ -67,7 +68,7 @@ class UpstreamConnection(asyncio.Protocol):
         ex.upstream = self
         worker = self.worker
         self.sent_at = monotonic()
-        self.deadline = worker.now + ex.backend.spec.response_timeout
+        self.deadline = self.sent_at + ex.backend.spec.response_timeout
         worker.awaiting.add(self)
         if ex.client.write_paused:
             self.transport.pause_reading()
@@ -172,12 +173,19 @@ class UpstreamConnection(asyncio.Protocol):
             raise _Desync()
         self.headers = []
         self.reason = b""
+        self.head_size = 0
 
     def on_status(self, reason):
         self.reason += reason
 
     def on_header(self, name, value):
-        self.headers.append((name, value))
+        headers = self.headers
+        headers.append((name, value))
+        # A response head is bounded too: 4x the request limits (Set-Cookie heavy responses).
+        limits = self.worker.limits
+        self.head_size += len(name) + len(value) + 4
+        if self.head_size > 4 * limits.max_header_bytes or len(headers) > 4 * limits.max_headers:
+            raise _Desync()
 
     def on_headers_complete(self):
         ex = self.ex
@@ -300,6 +308,7 @@ PAUSE_UPSTREAM = 1   # the backend is not taking the request body fast enough
 PAUSE_BODY = 2       # body buffered while connecting reached its cap
 PAUSE_PIPELINE = 4   # a pipelined request waits for the previous response
 PAUSE_UPGRADE = 8    # bytes after an Upgrade request wait for the backend's 101 (or not)
+PAUSE_FAILED = 16    # the request stream is broken: nothing more is read
 
 
 def connect(worker, server, ex) -> None:

@@ -7,7 +7,15 @@ routes.  When the chosen host's table has no matching path the next less specifi
 then `default_backend`; with none of those the answer is 404.
 """
 
+import re
 from typing import Any
+
+# RFC 3986 §3.2.2 host (IP-literal or reg-name) with an optional port (RFC 9110 §7.2).
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]*)?")
+
+
+class InvalidHost(ValueError):
+    """The Host header is not a valid host[:port]: the request must be refused (400)."""
 
 
 class Route:
@@ -102,6 +110,9 @@ class Router:
         return self._default
 
     def _tables_for(self, host: bytes) -> tuple:
+        """Validated and looked up once per distinct Host value (the result is cached)."""
+        if not _HOST.fullmatch(host):
+            raise InvalidHost(host)
         name = _host_name(host)
         dot = name.find(b".")
         tables = tuple(t for t in (self._exact.get(name), self._wildcard.get(name[dot + 1:]) if dot > 0

@@ -3,7 +3,8 @@
 The worker owns everything per-request: the router and backends built from the config it was forked
 with, the upstream pools, and the deadline sweep.  Deadlines (header, idle, response) are checked by one
 timer every TICK seconds instead of a timer per request, which keeps the per-request path free of
-TimerHandle allocations; a deadline may fire up to TICK late.
+TimerHandle allocations; a deadline may fire up to TICK late, never early (deadlines are computed from
+a fresh monotonic clock, while `now` is only the tick's).
 """
 
 import asyncio
@@ -192,6 +193,8 @@ class Worker:
             return
         for conn in [c for c in self.connections if c.deadline_kind and c.deadline < now]:
             conn.on_deadline()
+        for conn in [c for c in self.connections if c.send_deadline and c.send_deadline < now]:
+            conn.abort()  # send_timeout: the client stopped reading what we send
         for conn in [c for c in self.awaiting if c.deadline < now]:
             conn.timed_out()
         self._publish_gauges()
