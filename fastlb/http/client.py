@@ -223,6 +223,18 @@ class Exchange:
         if self.flags & _F_CHUNKED:
             # Re-chunk: extensions and the sender's chunk sizes are dropped (one framing, ours).
             data = b"%x\r\n%s\r\n" % (len(data), data)
+        self._forward(data)
+
+    def body_complete(self) -> None:
+        self.body_done = True
+        if self.flags & _F_CHUNKED:
+            # Trailers are dropped: the terminator is ours (RFC 9112 §7.1.2 lets a proxy discard them).
+            self._forward(_CHUNK_END)
+        if self.response_state == 2:
+            self.client.exchange_done(self)
+
+    def _forward(self, data: bytes) -> None:
+        """Framed body bytes to the backend, or held while its connection is being opened."""
         conn = self.upstream
         if conn is not None:
             self.body_sent = True
@@ -236,24 +248,6 @@ class Exchange:
             if self.body_size > _BODY_BUFFER_CAP:
                 self.client.pause(PAUSE_BODY)
         # else: the answer is already decided (local error, or the backend answered early): discard.
-
-    def body_complete(self) -> None:
-        self.body_done = True
-        if self.flags & _F_CHUNKED:
-            # Trailers are dropped: the terminator is ours (RFC 9112 §7.1.2 lets a proxy discard them).
-            self.feed_body_raw(_CHUNK_END)
-        if self.response_state == 2:
-            self.client.exchange_done(self)
-
-    def feed_body_raw(self, data: bytes) -> None:
-        conn = self.upstream
-        if conn is not None:
-            conn.transport.write(data)
-        elif self.response_state == 0 and not self.local:
-            if self.body is None:
-                self.body = [data]
-            else:
-                self.body.append(data)
 
     def respond_local(self, status: int) -> None:
         client = self.client
