@@ -45,6 +45,7 @@ _BODY_BUFFER_CAP = 64 * 1024
 
 DRAIN_GRACE = 1.0
 _LINGER_RESET = struct.pack("ii", 1, 0)
+_HEAD_EARLIER = -2  # head_end: the current request's head ended in an earlier read
 _MAX_CHUNK_FRAMING = 4096
 
 # What the connection's deadline means when it passes.
@@ -323,7 +324,7 @@ class ClientConnection(asyncio.Protocol):
         self.read = b""
         self.tail = b""           # the previous read's last 3 bytes (a head end may straddle reads)
         self.msg_at = -1          # offset of the current request's first byte in `read`, -1 unknown
-        self.head_end = -1        # offset just past the current request's head in `read`, -1 unknown
+        self.head_end = -1        # offset just past the current request's head in `read` (or below)
         self.body_at_read = 0     # body bytes the current request had before this read
         if listener.m_tls is not None:
             listener.tls_started += 1
@@ -371,7 +372,7 @@ class ClientConnection(asyncio.Protocol):
             return
         ex = self.incoming
         self.read = data
-        self.head_end = -1
+        self.head_end = _HEAD_EARLIER  # until on_headers_complete says it ended in this read
         if not self.at_start:
             self.msg_at = -1
         self.body_at_read = ex.body_received if ex is not None else 0
@@ -384,7 +385,7 @@ class ClientConnection(asyncio.Protocol):
             self._hold_after_upgrade(data[exc.args[0]:])
         except HttpParserError as exc:
             self._parse_error(exc)
-        self.tail = data[-3:]
+        self.tail = (self.tail + data)[-3:]
         if self.counting:
             self.counting = False
             if self._too_much_framing() and not self.closed:
@@ -691,7 +692,7 @@ class ClientConnection(asyncio.Protocol):
             return -1
         if self.head_end >= 0:        # head (and so the whole body) in this read
             return self.head_end + ex.body_received
-        if self.msg_at < 0 and ex.body_received > self.body_at_read:
+        if self.head_end == _HEAD_EARLIER and ex.body_received > self.body_at_read:
             return ex.body_received - self.body_at_read  # the body began in an earlier read
         return -1
 
