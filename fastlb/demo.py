@@ -48,4 +48,6 @@ def announce(cfg, fingerprint: str) -> None:
         print(f"fastlb demo: {len(DEMO_SERVERS)} backends behind {url}", file=sys.stderr)
         print(f"  try: for i in 1 2 3; do curl -s {insecure}{url}; done", file=sys.stderr)
     print(f"  self-signed certificate, SHA-256 fingerprint {fingerprint}", file=sys.stderr)
+    if cfg.admin.address is not None:
+        print(f"  status page: http://{cfg.admin.address}/  (metrics: /metrics)", file=sys.stderr)
     print("  stop with Ctrl-C", file=sys.stderr, flush=True)
