@@ -63,20 +63,21 @@ def _request_start_problem(line: bytes) -> int | None:
     """What llhttp forgives at the start of a request, and fastlb refuses before it parses it: a bare
     CR or LF, or more than one empty line, before the request line (RFC 9112 §2.2 allows one CRLF),
     and a request line that is not exactly METHOD SP TARGET SP VERSION (§3: single spaces).
-    Returns the status to answer, 0 if fine, None if the request line is not complete yet."""
-    rest = line[2:] if line.startswith(b"\r\n") else line
-    if rest[:1] in (b"\r", b"\n") and line != b"\r":
-        return 400  # a bare CR or LF, or a second empty line
-    end = rest.find(b"\n")
+    Returns the status to answer, 0 if fine, None if the request line is not complete yet.
+    Runs once per request: offsets instead of slices, so nothing is copied."""
+    start = 2 if line.startswith(b"\r\n") else 0
+    first = line[start:start + 1]
+    if first in (b"\r", b"\n", b" ") and line != b"\r":
+        return 400  # a bare CR or LF, a second empty line, or a leading space
+    end = line.find(b"\n", start)
     if end < 0:
         return None
-    request_line = rest[:end - 1]
-    if rest[end - 1:end] != b"\r":
+    if line[end - 1] != 13 or end - 1 <= start:  # 13: CR
         return 400
-    spaces = request_line.count(b" ")
-    if spaces == 1 and not request_line.startswith(b" "):
+    spaces = line.count(b" ", start, end - 1)
+    if spaces == 1:
         return 505  # HTTP/0.9: METHOD SP TARGET and no version
-    if spaces != 2 or b"  " in request_line or request_line.startswith(b" "):
+    if spaces != 2 or line.find(b"  ", start, end - 1) >= 0:
         return 400
     return 0
 
@@ -385,7 +386,7 @@ class ClientConnection(asyncio.Protocol):
             self._hold_after_upgrade(data[exc.args[0]:])
         except HttpParserError as exc:
             self._parse_error(exc)
-        self.tail = (self.tail + data)[-3:]
+        self.tail = data[-3:] if len(data) >= 3 else (self.tail + data)[-3:]
         if self.counting:
             self.counting = False
             if self._too_much_framing() and not self.closed:
@@ -399,7 +400,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _check_request_line(self, data: bytes) -> bool:
         """Check the bytes that start a read at a request boundary (see _request_start_problem)."""
-        line = self.line + data
+        line = self.line + data if self.line else data
         status = _request_start_problem(line)
         if status is None:  # no complete request line yet
             if len(line) > self.worker.limits.max_request_line:
