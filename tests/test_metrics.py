@@ -117,7 +117,7 @@ def test_tls_handshakes_errors_and_certificate_expiry(backends, fastlb, pems):
     (b1,) = backends("b1")
     tls_port = free_port()
     cert, key = pems.default
-    lb = fastlb({"FASTLB_BACKENDS": b1.address, "FASTLB_WORKERS": "1",
+    lb = fastlb({"FASTLB_BACKENDS": b1.address, "FASTLB_WORKERS": "1", "FASTLB_TLS_HANDSHAKE_TIMEOUT": "1s",
                  "FASTLB_TLS_LISTEN": f"127.0.0.1:{tls_port}", "FASTLB_TLS_CERT": cert, "FASTLB_TLS_KEY": key})
     ctx = ssl.create_default_context(cafile=pems.ca)
     ctx.maximum_version = ssl.TLSVersion.TLSv1_2
@@ -145,7 +145,15 @@ def test_tls_handshakes_errors_and_certificate_expiry(backends, fastlb, pems):
     assert total(m, "fastlb_tls_handshakes_total", listener=listener, version="TLSv1.2", cipher=cipher,
                  resumed="false") == 1
     assert total(m, "fastlb_tls_handshakes_total", listener=listener, resumed="true") == 2
-    assert total(m, "fastlb_tls_handshake_errors_total", listener=listener) == 2
+    assert total(m, "fastlb_tls_handshake_errors_total", listener=listener, reason="refused") == 2
+    # a client that connects and says nothing is cut by handshake_timeout (1 s here)
+    with socket.create_connection(("127.0.0.1", tls_port)) as s:
+        s.settimeout(5)
+        assert s.recv(100) == b""
+    settle()
+    m = scrape(lb)
+    assert total(m, "fastlb_tls_handshake_errors_total", listener=listener, reason="timeout") == 1
+    assert total(m, "fastlb_tls_handshake_errors_total", listener=listener, reason="refused") == 2
     not_after = load_certificate(cert).not_valid_after_utc.timestamp()
     assert total(m, "fastlb_tls_certificate_expiry_seconds") == pytest.approx(not_after)
 

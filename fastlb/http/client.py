@@ -14,8 +14,10 @@ errors answer and close, because after them the parser can no longer find the ne
 """
 
 import asyncio
+import functools
 import socket
 import struct
+import weakref
 from collections import deque
 from time import monotonic
 
@@ -288,6 +290,7 @@ class ClientConnection(asyncio.Protocol):
         "head_size", "incoming", "active", "queue", "paused", "write_paused", "deadline", "deadline_kind",
         "closed", "held", "tunnel", "tls_version", "failed", "at_start", "line", "raw_body", "decoded",
         "chunks", "counting", "send_deadline", "read", "tail", "msg_at", "head_end", "body_at_read",
+        "handshake",
         "__weakref__",
     )
 
@@ -327,9 +330,11 @@ class ClientConnection(asyncio.Protocol):
         self.msg_at = -1          # offset of the current request's first byte in `read`, -1 unknown
         self.head_end = -1        # offset just past the current request's head in `read` (or below)
         self.body_at_read = 0     # body bytes the current request had before this read
+        self.handshake = None
         if listener.m_tls is not None:
-            listener.tls_started += 1
-            worker.tls_pending.add(self)
+            ref = weakref.ref(self, functools.partial(worker.handshake_abandoned, listener, monotonic()))
+            worker.handshakes[id(ref)] = ref
+            self.handshake = ref
 
     # -- connection lifecycle -------------------------------------------------------------------
     def connection_made(self, transport):
@@ -347,8 +352,9 @@ class ClientConnection(asyncio.Protocol):
         listener.open += 1
         worker.area[listener.m_total] += 1
         if listener.m_tls is not None:
-            listener.tls_done += 1
-            worker.tls_pending.discard(self)
+            # Completed: drop every strong reference to the weakref, so its callback never fires.
+            del worker.handshakes[id(self.handshake)]
+            self.handshake = None
             tls = transport.get_extra_info("ssl_object")
             self.tls_version = tls.version()
             index = listener.m_tls.get((self.tls_version, tls.cipher()[0], tls.session_reused))

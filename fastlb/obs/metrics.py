@@ -20,6 +20,9 @@ HIST_SUM = _HIST_SIZE - 1
 CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 UPSTREAM_ERRORS = ("connect", "timeout", "reset", "invalid")
 BAD_STATUSES = (400, 405, 408, 413, 414, 417, 431, 500, 501, 505)
+# uvloop reports neither why a handshake failed nor that it did; fastlb tells the ones cut by
+# handshake_timeout from the rest (refused: bad version, no shared cipher, not TLS, reset...).
+TLS_FAILURES = ("timeout", "refused")
 
 MAX_SERIES = 16384
 AREAS = 64                 # worker processes alive at once (all generations), + the master's area
@@ -108,7 +111,8 @@ class Layout:
             self.gauge("fastlb_connections_open", listener=listener)
             self.counter("fastlb_connections_total", listener=listener)
             if spec.tls:
-                self.counter("fastlb_tls_handshake_errors_total", listener=listener, reason="failed")
+                for reason in TLS_FAILURES:
+                    self.counter("fastlb_tls_handshake_errors_total", listener=listener, reason=reason)
                 for version, cipher in tls_suites:
                     for resumed in ("false", "true"):
                         self.counter("fastlb_tls_handshakes_total", listener=listener, version=version,
@@ -243,8 +247,8 @@ def bind(layout: Layout, worker) -> None:
         info.m_open = layout.find("fastlb_connections_open", listener=name)
         info.m_total = layout.find("fastlb_connections_total", listener=name)
         if info.spec.tls:
-            info.m_tls_errors = layout.find("fastlb_tls_handshake_errors_total", listener=name,
-                                               reason="failed")
+            info.m_tls_errors = {reason: layout.find("fastlb_tls_handshake_errors_total", listener=name,
+                                                     reason=reason) for reason in TLS_FAILURES}
             info.m_tls = {(version, cipher, resumed == "true"): layout.find(
                 "fastlb_tls_handshakes_total", listener=name, version=version, cipher=cipher, resumed=resumed)
                 for version, cipher in tls_suites(worker.contexts) for resumed in ("false", "true")}

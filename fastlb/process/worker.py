@@ -15,6 +15,7 @@ import signal
 import time
 import weakref
 from email.utils import formatdate
+from time import monotonic
 
 from fastlb.http.client import ClientConnection
 from fastlb.lb.backend import build_backends
@@ -30,8 +31,8 @@ class ListenerInfo:
     """What a connection needs to know about the listener that accepted it, pre-encoded."""
 
     __slots__ = (
-        "spec", "name", "proto", "port", "authority", "redirect_to_https", "https_port", "open", "tls_started",
-        "tls_done", "tls_failed", "m_open", "m_total", "m_tls", "m_tls_errors",
+        "spec", "name", "proto", "port", "authority", "redirect_to_https", "https_port", "open",
+        "m_open", "m_total", "m_tls", "m_tls_errors",
     )
 
     def __init__(self, spec, https_port: int | None):
@@ -43,10 +44,8 @@ class ListenerInfo:
         self.redirect_to_https = spec.redirect_to_https and not spec.tls
         self.https_port = b"" if https_port in (None, 443) else b":%d" % https_port
         self.open = 0             # connections open now
-        self.tls_started = 0      # protocol objects made for TLS connections (before the handshake)
-        self.tls_done = 0         # of which completed the handshake
-        self.tls_failed = 0       # handshake failures already added to the metrics area
-        self.m_open = self.m_total = self.m_tls_errors = 0
+        self.m_open = self.m_total = 0
+        self.m_tls_errors = None  # reason -> series index, for TLS listeners
         self.m_tls = None         # (version, cipher, resumed) -> series index, for TLS listeners
 
     def https_location(self, host: bytes | None, target: bytes) -> bytes:
@@ -77,7 +76,10 @@ class Worker:
         self.area = area                # this worker's metrics area (float64 memoryview)
         self.m_bad = {}
         metrics.bind(layout, self)
-        self.tls_pending = weakref.WeakSet()  # TLS protocols whose handshake has not completed
+        # Weak references to TLS connections whose handshake has not completed: uvloop calls no
+        # protocol method when a handshake fails, it just drops the protocol; the reference's callback
+        # is how fastlb learns of it (see handshake_abandoned).
+        self.handshakes: dict[int, weakref.ref] = {}
         self.access_log = AccessLog(cfg.log.access, cfg.log.access_buffer) if cfg.log.access else None
         self.m_dropped = layout.find("fastlb_access_log_dropped_total")
         self._dropped_seen = 0
@@ -158,6 +160,13 @@ class Worker:
             self.date = formatdate(now, usegmt=True).encode()
             self.iso_time = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(now))
 
+    def handshake_abandoned(self, listener, started: float, ref) -> None:
+        """A TLS connection's protocol was dropped before its handshake completed: it failed."""
+        del self.handshakes[id(ref)]
+        elapsed = monotonic() - started
+        reason = "timeout" if elapsed >= self.cfg.tls.handshake_timeout - TICK else "refused"
+        self.area[listener.m_tls_errors[reason]] += 1
+
     def reopen_logs(self) -> None:
         if self.access_log is not None:
             self.access_log.reopen()
@@ -172,13 +181,6 @@ class Worker:
             self._dropped_seen = dropped
         for info in self.listeners:
             area[info.m_open] = info.open
-            if info.m_tls is not None:
-                # uvloop calls no protocol method when a handshake fails or times out: a protocol made
-                # for a TLS connection that never completed and is gone (weakly held) has failed.
-                pending = sum(1 for c in self.tls_pending if c.listener is info)
-                failed = info.tls_started - info.tls_done - pending
-                area[info.m_tls_errors] += failed - info.tls_failed
-                info.tls_failed = failed
         for backend in self.backends.values():
             for server in backend.servers:
                 area[server.m_active] = server.active
