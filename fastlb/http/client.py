@@ -289,7 +289,7 @@ class ClientConnection(asyncio.Protocol):
         "worker", "listener", "transport", "parser", "client_ip", "trust_xff", "url", "headers",
         "head_size", "incoming", "active", "queue", "paused", "write_paused", "deadline", "deadline_kind",
         "closed", "held", "tunnel", "tls_version", "failed", "at_start", "line", "raw_body", "decoded",
-        "chunks", "counting", "send_deadline", "read", "tail", "msg_at", "head_end", "body_at_read",
+        "chunks", "counting", "send_deadline", "read", "msg_at", "head_end", "body_at_read", "unchecked",
         "handshake",
         "__weakref__",
     )
@@ -326,10 +326,10 @@ class ClientConnection(asyncio.Protocol):
         # Where requests begin inside the current read, so that what llhttp forgives between two
         # pipelined requests can be checked too (see on_message_complete).
         self.read = b""
-        self.tail = b""           # the previous read's last 3 bytes (a head end may straddle reads)
         self.msg_at = -1          # offset of the current request's first byte in `read`, -1 unknown
         self.head_end = -1        # offset just past the current request's head in `read` (or below)
         self.body_at_read = 0     # body bytes the current request had before this read
+        self.unchecked = False
         self.handshake = None
         if listener.m_tls is not None:
             ref = weakref.ref(self, functools.partial(worker.handshake_abandoned, listener, monotonic()))
@@ -375,13 +375,15 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.closed or self.paused & PAUSE_FAILED:
             return  # a broken stream: nothing after the bad request is parsed
-        if self.at_start and not self._check_request_line(data):
-            return
+        if self.at_start:
+            if not self._check_request_line(data):
+                return
+        else:
+            self.msg_at = -1  # this read starts inside a request
         ex = self.incoming
         self.read = data
+        self.unchecked = False
         self.head_end = _HEAD_EARLIER  # until on_headers_complete says it ended in this read
-        if not self.at_start:
-            self.msg_at = -1
         self.body_at_read = ex.body_received if ex is not None else 0
         self.counting = self.deadline_kind == _BODY and ex.flags & _F_CHUNKED
         if self.counting:
@@ -392,7 +394,6 @@ class ClientConnection(asyncio.Protocol):
             self._hold_after_upgrade(data[exc.args[0]:])
         except HttpParserError as exc:
             self._parse_error(exc)
-        self.tail = data[-3:] if len(data) >= 3 else (self.tail + data)[-3:]
         if self.counting:
             self.counting = False
             if self._too_much_framing() and not self.closed:
@@ -548,6 +549,12 @@ class ClientConnection(asyncio.Protocol):
         self.url = b""
         self.headers = []
         self.head_size = 0
+        if self.unchecked:
+            # This request began inside a read, after one whose end offset is unknown: its start can't
+            # be checked, and the next read does not start it either.
+            self.unchecked = False
+            self.at_start = False
+            self.line = b""
         if self.deadline_kind != _HEADER:
             # header_timeout is a total deadline for the head, counted from its first byte.
             self.deadline = monotonic() + self.worker.limits.header_timeout
@@ -629,14 +636,10 @@ class ClientConnection(asyncio.Protocol):
         ex.bytes_in = self.head_size + len(self.url)
         if route is not None and route.backend.hash_key is not None:
             ex.key = route.backend.hash_key(headers, self.client_ip, self.url)
-        if self.msg_at >= 0:
-            found = self.read.find(b"\r\n\r\n", self.msg_at)
-            self.head_end = found + 4 if found >= 0 else -1
-        else:
-            found = (self.tail + self.read).find(b"\r\n\r\n")
-            self.head_end = found + 4 - len(self.tail) if found >= 0 else -1
-            if self.head_end < 0:
-                self.head_end = -1
+        # Where the head ends in this read, only when certain: the request began in this read at a
+        # known offset (a guess would check the wrong bytes and refuse a valid request).
+        found = self.read.find(b"\r\n\r\n", self.msg_at) if self.msg_at >= 0 else -1
+        self.head_end = found + 4 if found >= 0 else -1
         if flags & (_F_CONTENT_LENGTH | _F_CHUNKED):
             # body_timeout: the longest silence allowed while the request body arrives
             self.deadline = monotonic() + worker.limits.body_timeout
@@ -691,6 +694,9 @@ class ClientConnection(asyncio.Protocol):
                 raise _Reject(status)
             if status == 0:
                 self.at_start = False
+            else:  # the request line goes on in the next read: check it there, whole
+                self.line = self.read[end:]
+        self.unchecked = end < 0  # a request beginning later in this read could not be checked
 
     def _message_end(self, ex) -> int:
         """Offset in the current read just past the request that just completed, or -1 when it can't
