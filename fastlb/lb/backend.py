@@ -19,14 +19,13 @@ class Server:
     """One backend server as this worker sees it: address, weight, health and its idle upstream pool."""
 
     __slots__ = (
-        "backend", "index", "gid", "name", "host", "port", "weight", "base_weight", "states", "ejected",
+        "backend", "gid", "name", "host", "port", "weight", "base_weight", "states", "ejected",
         "ejected_until", "ejections", "fails", "recovering_since", "was_up", "active", "cap", "idle",
         "m_upstream", "m_active", "m_errors",
     )
 
-    def __init__(self, backend: "Backend", index: int, gid: int, spec, states):
+    def __init__(self, backend: "Backend", gid: int, spec, states):
         self.backend = backend
-        self.index = index
         self.gid = gid                # index of this server's state byte in shared memory
         self.name = str(spec.address)
         self.host = spec.address.host
@@ -99,7 +98,7 @@ class Backend:
     def __init__(self, spec, first_gid: int, states):
         self.name = spec.name
         self.spec = spec
-        self.servers = [Server(self, i, first_gid + i, s, states) for i, s in enumerate(spec.servers)]
+        self.servers = [Server(self, first_gid + i, s, states) for i, s in enumerate(spec.servers)]
         self.balancer = make_balancer(spec.balance, self.servers)
         # (headers, client_ip, target) -> bytes | None, only for `balance = "hash"`
         self.hash_key = hash_key_getter(spec.hash_on) if spec.balance == "hash" else None
@@ -119,8 +118,3 @@ def build_backends(cfg, states) -> dict[str, Backend]:
         backends[name] = Backend(spec, gid, states)
         gid += len(spec.servers)
     return backends
-
-
-def local_states(cfg) -> bytearray:
-    """A private all-up state area, for code running without shared memory (tests, tools)."""
-    return bytearray([UP]) * max(1, sum(len(b.servers) for b in cfg.backends.values()))

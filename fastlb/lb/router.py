@@ -19,10 +19,9 @@ class InvalidHost(ValueError):
 
 
 class Route:
-    __slots__ = ("index", "name", "backend", "m_requests", "m_duration")
+    __slots__ = ("name", "backend", "m_requests", "m_duration")
 
-    def __init__(self, index: int, name: str, backend: Any):
-        self.index = index
+    def __init__(self, name: str, backend: Any):
         self.name = name
         self.backend = backend
 
@@ -74,8 +73,8 @@ class Router:
         # Host values, so normalising and looking them up happens once per value, not per request.
         self._hosts: dict[bytes, tuple] = {}
         self.routes: list[Route] = []
-        for i, spec in enumerate(routes):
-            route = Route(i, f"{spec.host or '*'}{spec.path}", backends[spec.backend])
+        for spec in routes:
+            route = Route(f"{spec.host or '*'}{spec.path}", backends[spec.backend])
             self.routes.append(route)
             if spec.host is None:
                 if self._any is None:
@@ -87,7 +86,7 @@ class Router:
                 table = self._exact.setdefault(spec.host.encode(), _PathTable())
             table.add(spec.path.encode(), spec.match, route)
         self._default = (
-            Route(len(routes), "default", backends[default_backend]) if default_backend else None
+            Route("default", backends[default_backend]) if default_backend else None
         )
         if self._default is not None:
             self.routes.append(self._default)

@@ -20,7 +20,6 @@ MAX_SERVERS = 65536
 
 class SharedBlock:
     def __init__(self, slots: int):
-        self.slots = slots
         self._map = mmap.mmap(-1, _RECORD.size * slots + MAX_SERVERS)
         self.states = memoryview(self._map)[_RECORD.size * slots:]
         self.states[:] = b"\x01" * MAX_SERVERS  # servers start up (as nginx and HAProxy assume)

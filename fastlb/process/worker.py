@@ -70,7 +70,7 @@ class Worker:
         self.limits = cfg.limits
         self.backends = build_backends(cfg, shm.states)
         self.router = Router(cfg.routes, cfg.default_backend, self.backends)
-        self.no_route = Route(-1, "-", None)   # what 404s are counted under
+        self.no_route = Route("-", None)   # what 404s are counted under
         https_port = next((s.address.port for s in cfg.listeners if s.tls), None)
         self.listeners = [ListenerInfo(spec, https_port) for spec, _ in sockets]
         self.area = area                # this worker's metrics area (float64 memoryview)
