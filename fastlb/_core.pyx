@@ -903,3 +903,134 @@ def maglev_lookup(table, key_hash):
     if n == 0:
         return -1
     return (<list>table)[<Py_ssize_t>(key % <unsigned long long>n)]
+
+
+# --- chunked request bodies ------------------------------------------------------------------------
+# Same values as fastlb._core_py (a test compares them).
+CHUNK_EXTENSIONS_MAX = 4096
+CHUNKED_MORE = -1
+CHUNKED_BAD = -2
+
+cdef enum:
+    C_SIZE_FIRST = 0
+    C_SIZE
+    C_EXT
+    C_SIZE_LF
+    C_DATA
+    C_DATA_CR
+    C_DATA_LF
+    C_TRAILER_START
+    C_TRAILER
+    C_TRAILER_LF
+    C_END_LF
+    C_DONE
+    C_BAD
+
+cdef inline int _hexdig(unsigned char c) noexcept nogil:
+    if 48 <= c <= 57:
+        return c - 48
+    c |= 0x20  # ASCII lowercase
+    if 97 <= c <= 102:
+        return c - 87
+    return -1
+
+
+cdef class ChunkedBody:
+    """See ``fastlb._core_py.ChunkedBody``: one byte per step in C, the data bytes skipped whole."""
+
+    cdef int state
+    cdef unsigned long long size
+    cdef Py_ssize_t extensions
+
+    def __init__(self):
+        self.state = C_SIZE_FIRST
+        self.size = 0
+        self.extensions = 0
+
+    def scan(self, data, start):
+        """See ``fastlb._core_py.ChunkedBody.scan``."""
+        if not isinstance(data, bytes):
+            raise TypeError("data must be bytes")
+        if not isinstance(start, int):
+            raise TypeError("start must be an int")
+        cdef Py_ssize_t end = PyBytes_GET_SIZE(data)
+        if not 0 <= start <= end:
+            raise ValueError("start out of range")
+        cdef Py_ssize_t first = start
+        cdef Py_ssize_t pos = first
+        cdef Py_ssize_t step
+        cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(data)
+        cdef int state = self.state
+        cdef unsigned long long size = self.size
+        cdef unsigned char c
+        cdef int digit
+        while pos < end and state < C_DONE:
+            if state == C_DATA:
+                step = end - pos
+                if <unsigned long long>step > size:
+                    step = <Py_ssize_t>size
+                size -= <unsigned long long>step
+                pos += step
+                if size == 0:
+                    state = C_DATA_CR
+                continue
+            c = p[pos]
+            pos += 1
+            if state == C_EXT or state == C_TRAILER:
+                if c == 13:
+                    state = C_SIZE_LF if state == C_EXT else C_TRAILER_LF
+                elif c == 10:
+                    state = C_BAD
+                elif state == C_EXT:
+                    self.extensions += 1
+                    if self.extensions > CHUNK_EXTENSIONS_MAX:
+                        state = C_BAD
+            elif state == C_SIZE_FIRST or state == C_SIZE:
+                digit = _hexdig(c)
+                if digit >= 0:
+                    if size >> 59:
+                        state = C_BAD  # the next digit would take it past 2**63 - 1
+                    else:
+                        size = size * 16 + <unsigned long long>digit
+                        state = C_SIZE
+                elif state == C_SIZE_FIRST or c == 10:
+                    state = C_BAD
+                elif c == 13:
+                    state = C_SIZE_LF
+                else:
+                    state = C_EXT
+                    pos -= 1  # this byte is the first of the extensions
+            elif state == C_SIZE_LF:
+                if c != 10:
+                    state = C_BAD
+                elif size:
+                    state = C_DATA
+                else:
+                    state = C_TRAILER_START
+            elif state == C_DATA_CR:
+                state = C_DATA_LF if c == 13 else C_BAD
+            elif state == C_DATA_LF:
+                state = C_SIZE_FIRST if c == 10 else C_BAD
+            elif state == C_TRAILER_START:
+                if c == 13:
+                    state = C_END_LF
+                elif c == 10:
+                    state = C_BAD
+                else:
+                    state = C_TRAILER
+            elif state == C_TRAILER_LF:
+                state = C_TRAILER_START if c == 10 else C_BAD
+            else:  # C_END_LF
+                if c != 10:
+                    state = C_BAD
+                else:
+                    self.state = C_DONE
+                    self.size = 0
+                    return pos
+        self.state = state
+        self.size = size
+        if state == C_BAD:
+            return CHUNKED_BAD
+        if state == C_DONE:
+            return first
+        return CHUNKED_MORE

@@ -1,0 +1,204 @@
+"""core.ChunkedBody: where a chunked request body ends on the wire, whatever the split into reads.
+
+The worker feeds llhttp no further than the end ChunkedBody finds, so the two must agree on every body
+llhttp accepts (or ChunkedBody must refuse it): checked against llhttp itself, byte by byte.
+"""
+
+import importlib
+import os
+
+import httptools
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fastlb import _core_py
+
+MORE = _core_py.CHUNKED_MORE
+BAD = _core_py.CHUNKED_BAD
+HEAD = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def _twins():
+    twins = [_core_py]
+    if os.environ.get("FASTLB_NO_EXTENSIONS") != "1":
+        twins.append(importlib.import_module("fastlb._core"))  # must import: no skip
+    return twins
+
+
+@pytest.fixture(params=_twins(), ids=lambda m: m.__name__)
+def core(request):
+    return request.param
+
+
+def scan_split(core, data: bytes, cuts) -> int:
+    """Scan `data` delivered as reads cut at `cuts`; the end offset in `data`, or MORE / BAD."""
+    body = core.ChunkedBody()
+    start = 0
+    for cut in sorted(set(cuts)) + [len(data)]:
+        piece = data[start:cut]
+        end = body.scan(piece, 0)
+        if end == BAD:
+            return BAD
+        if end >= 0:
+            return start + end
+        start = cut
+    return MORE
+
+
+def test_constants_match(core):
+    assert (core.CHUNKED_MORE, core.CHUNKED_BAD, core.CHUNK_EXTENSIONS_MAX) == (-1, -2, 4096)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"0\r\n\r\n",
+        b"5\r\nhello\r\n0\r\n\r\n",
+        b"5;a=b\r\nhello\r\n0;last\r\n\r\n",
+        b"A\r\n0123456789\r\n000\r\nX-Sum: 1\r\nY: 2\r\n\r\n",
+        b"1\r\n\r\r\n1\r\n\n\r\n0\r\n\r\n",  # CR and LF as chunk data are data
+    ],
+)
+def test_valid_bodies_end_exactly(core, body):
+    for cut in range(len(body) + 1):
+        assert scan_split(core, body + b"GET / HTTP/1.1\r\n", [cut]) == len(body)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\r\n",  # no size
+        b"x\r\n",
+        b";a\r\n",
+        b"5\nhello\r\n0\r\n\r\n",  # bare LF ending the size line
+        b"5\rhello\r\n0\r\n\r\n",  # bare CR
+        b"5;a\nb\r\nhello\r\n0\r\n\r\n",  # LF inside extensions
+        b"5\r\nhello\n0\r\n\r\n",  # LF without CR after data
+        b"5\r\nhelloX\r\n0\r\n\r\n",  # data longer than its size
+        b"0\r\nX: y\n\r\n",  # bare LF in a trailer
+        b"0\r\n\n",
+        b"0\r\n\r\r",
+        b"1" + b"0" * 16 + b"\r\n",  # 2**64: over 2**63 - 1
+        b"1;" + b"e" * 4096 + b"\r\n",  # 4,097 bytes of extensions
+    ],
+)
+def test_malformed_framing_is_bad(core, body):
+    assert scan_split(core, body, []) == BAD
+    assert scan_split(core, body, range(len(body))) == BAD
+
+
+def test_extension_budget_is_per_body(core):
+    chunk = b"1;" + b"e" * 98 + b"\r\nx\r\n"  # 99 bytes of extensions per chunk
+    forty_one = chunk * 41 + b"0\r\n\r\n"  # 4,059 bytes
+    assert scan_split(core, forty_one, [500, 2000]) == len(forty_one)
+    assert scan_split(core, chunk * 42 + b"0\r\n\r\n", [500, 2000]) == BAD
+
+
+def test_largest_size_is_accepted_and_then_counted(core):
+    body = core.ChunkedBody()
+    assert body.scan(b"7" + b"f" * 15 + b"\r\nabc", 0) == MORE  # 2**63 - 1 bytes announced
+
+
+def test_scan_after_the_end_returns_start(core):
+    body = core.ChunkedBody()
+    assert body.scan(b"0\r\n\r\nGET", 0) == 5
+    assert body.scan(b"GET", 1) == 1
+
+
+@pytest.mark.parametrize("args", [(b"0", 2), (b"0", -1), ("0", 0), (bytearray(b"0"), 0), (b"0", 0.0)])
+def test_bad_arguments_raise_the_same(core, args):
+    with pytest.raises(Exception) as raised:  # noqa: PT011 - the type is compared with the twin's
+        core.ChunkedBody().scan(*args)
+    with pytest.raises(raised.type):
+        _core_py.ChunkedBody().scan(*args)
+
+
+# --- against llhttp ------------------------------------------------------------------------------
+
+
+class _Events:
+    def __init__(self):
+        self.complete = False
+
+    def on_message_complete(self):
+        self.complete = True
+
+
+def llhttp_end(body: bytes):
+    """Where llhttp completes the message in `body` (fed byte by byte), or None if it refuses or
+    needs more."""
+    events = _Events()
+    parser = httptools.HttpRequestParser(events)
+    try:
+        parser.feed_data(HEAD)
+        for i in range(len(body)):
+            parser.feed_data(body[i:i + 1])
+            if events.complete:
+                return i + 1
+    except httptools.HttpParserError:
+        return None
+    return None
+
+
+def serialize(chunks, trailers) -> bytes:
+    out = []
+    for data, size_text, ext in chunks:
+        out.append(size_text(len(data)) + ext + b"\r\n" + data + b"\r\n")
+    out.append(b"0\r\n")
+    for name, value in trailers:
+        out.append(name + b": " + value + b"\r\n")
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
+size_texts = st.sampled_from([lambda n: b"%x" % n, lambda n: b"%X" % n, lambda n: b"00%x" % n])
+extensions = st.sampled_from([b"", b";a", b";a=b", b';a="q;r"', b";a=b;c=d"])
+chunks = st.lists(st.tuples(st.binary(min_size=1, max_size=40), size_texts, extensions), max_size=5)
+trailers = st.lists(
+    st.tuples(st.sampled_from([b"X-Sum", b"Y"]), st.sampled_from([b"1", b"abc", b""])), max_size=2
+)
+SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@SETTINGS
+@given(chunks=chunks, trailers=trailers, cuts=st.lists(st.integers(0, 400), max_size=6), rest=st.binary(max_size=8))
+def test_valid_bodies_agree_with_llhttp_for_any_split(core, chunks, trailers, cuts, rest):
+    body = serialize(chunks, trailers)
+    assert llhttp_end(body) == len(body)
+    assert scan_split(core, body + rest, [c for c in cuts if c <= len(body) + len(rest)]) == len(body)
+
+
+@st.composite
+def mutated_bodies(draw):
+    body = bytearray(serialize(draw(chunks), draw(trailers)))
+    for _ in range(draw(st.integers(1, 3))):
+        at = draw(st.integers(0, len(body)))
+        action = draw(st.sampled_from(["insert", "delete", "replace"]))
+        byte = draw(st.sampled_from([b"\r", b"\n", b"0", b"a", b";", b" ", b"\t", b"\x00", b"g"]))
+        if action == "insert":
+            body[at:at] = byte
+        elif action == "delete" and at < len(body):
+            del body[at]
+        elif at < len(body):
+            body[at:at + 1] = byte
+    return bytes(body)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=mutated_bodies())
+def test_mutated_bodies_never_end_elsewhere_than_llhttp_says(core, body):
+    """Where llhttp accepts a body, ChunkedBody ends it at the same byte or refuses it: never a
+    different boundary (that would be a desync: bytes one parser reads as body, the other as a request)."""
+    ours = scan_split(core, body, [])
+    theirs = llhttp_end(body)
+    if theirs is not None:
+        assert ours in (theirs, BAD)
+    assert scan_split(core, body, range(0, len(body), 3)) == ours
+
+
+@SETTINGS
+@given(data=st.binary(max_size=60), cuts=st.lists(st.integers(0, 60), max_size=4))
+def test_twins_agree_on_any_bytes(data, cuts):
+    results = {scan_split(twin, data, [c for c in cuts if c <= len(data)]) for twin in _twins()}
+    assert len(results) == 1
