@@ -1,6 +1,9 @@
 """The client side: one ClientConnection per accepted (plain or TLS) connection, one Exchange per request.
 
 Theory of operation, in the order a request travels:
+0. `data_received` frames the byte stream itself (head at CRLFCRLF, body by Content-Length or
+   core.ChunkedBody) and feeds llhttp one unit at a time, so every request's first bytes are checked
+   before llhttp parses them, and llhttp must agree with each boundary.
 1. httptools (llhttp, strict) parses the head; `on_url`/`on_header` enforce the size limits as bytes
    arrive (414, 431), so an oversized head is refused before it is buffered.
 2. `on_headers_complete` checks the version (505) and hands the parsed head to `core.request_head`, which
@@ -47,11 +50,14 @@ _BODY_BUFFER_CAP = 64 * 1024
 
 DRAIN_GRACE = 1.0
 _LINGER_RESET = struct.pack("ii", 1, 0)
-_HEAD_EARLIER = -2  # head_end: the current request's head ended in an earlier read
-_MAX_CHUNK_FRAMING = 4096
+_HEAD_END = b"\r\n\r\n"
+_CHUNKED_BAD = core.CHUNKED_BAD
+_ChunkedBody = core.ChunkedBody
 
 # What the connection's deadline means when it passes.
 _IDLE, _HEADER, _BODY = 1, 2, 3
+# What the next bytes from the client are (ClientConnection.framing).
+_HEAD, _LENGTH, _CHUNKED, _DONE = 0, 1, 2, 3
 
 
 class _Reject(Exception):
@@ -61,16 +67,17 @@ class _Reject(Exception):
         self.status = status
 
 
-def _request_start_problem(line: bytes) -> int | None:
+def _request_start_problem(line: bytes, start: int) -> int | None:
     """What llhttp forgives at the start of a request, and fastlb refuses before it parses it: a bare
     CR or LF, or more than one empty line, before the request line (RFC 9112 §2.2 allows one CRLF),
     and a request line that is not exactly METHOD SP TARGET SP VERSION (§3: single spaces).
-    Returns the status to answer, 0 if fine, None if the request line is not complete yet.
-    Runs once per request: offsets instead of slices, so nothing is copied."""
-    start = 2 if line.startswith(b"\r\n") else 0
-    first = line[start:start + 1]
-    if first in (b"\r", b"\n", b" ") and line != b"\r":
+    `line[start:]` is what the request begins with.  Returns the status to answer, 0 if fine, None
+    if the request line is not complete yet.  Runs once per request: offsets, so nothing is copied."""
+    skip = 2 if line.startswith(b"\r\n", start) else 0
+    first = line[start + skip:start + skip + 1]
+    if first in (b"\r", b"\n", b" ") and (skip or first != b"\r" or len(line) > start + 1):
         return 400  # a bare CR or LF, a second empty line, or a leading space
+    start += skip
     end = line.find(b"\n", start)
     if end < 0:
         return None
@@ -79,13 +86,15 @@ def _request_start_problem(line: bytes) -> int | None:
     spaces = line.count(b" ", start, end - 1)
     if spaces == 1:
         return 505  # HTTP/0.9: METHOD SP TARGET and no version
+    if line.startswith(b"PRI * HTTP/2.0\r\n", start):
+        return 505  # HTTP/2 prior knowledge (RFC 9113 §3.4); llhttp only stops at the preface's end
     if spaces != 2 or line.find(b"  ", start, end - 1) >= 0:
         return 400
     return 0
 
 
 def _content_length(headers) -> int:
-    """The (already validated, single) Content-Length; read only when max_body_bytes is set."""
+    """The (already validated, single) Content-Length of a request that has one."""
     for name, value in headers:
         if name.lower() == b"content-length":
             return int(value)
@@ -288,9 +297,8 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "worker", "listener", "transport", "parser", "client_ip", "trust_xff", "url", "headers",
         "head_size", "incoming", "active", "queue", "paused", "write_paused", "deadline", "deadline_kind",
-        "closed", "held", "tunnel", "tls_version", "failed", "at_start", "line", "raw_body", "decoded",
-        "chunks", "counting", "send_deadline", "read", "msg_at", "head_end", "body_at_read", "unchecked",
-        "handshake",
+        "closed", "held", "tunnel", "tls_version", "failed", "at_start", "line", "send_deadline",
+        "framing", "tail", "body_left", "chunked", "begins", "head_ends", "ending", "handshake",
         "__weakref__",
     )
 
@@ -318,18 +326,16 @@ class ClientConnection(asyncio.Protocol):
         self.failed = 0           # status of a bad pipelined request, answered after the ones before it
         self.at_start = True      # the next byte begins a request (checked before llhttp sees it)
         self.line = b""           # the request line so far, while at_start
-        self.raw_body = 0         # chunked body: wire bytes of reads wholly inside the body ...
-        self.decoded = 0          # ... and the body bytes they carried: the difference is framing
-        self.chunks = 0
-        self.counting = False
         self.send_deadline = 0.0  # set while the client is not reading what we write
-        # Where requests begin inside the current read, so that what llhttp forgives between two
-        # pipelined requests can be checked too (see on_message_complete).
-        self.read = b""
-        self.msg_at = -1          # offset of the current request's first byte in `read`, -1 unknown
-        self.head_end = -1        # offset just past the current request's head in `read` (or below)
-        self.body_at_read = 0     # body bytes the current request had before this read
-        self.unchecked = False
+        # fastlb frames the byte stream itself and feeds llhttp one head or body at a time (see
+        # data_received); llhttp must agree with every boundary, or the request is refused.
+        self.framing = _HEAD
+        self.tail = b""           # the last bytes (up to 3) of a head that goes on in the next read
+        self.body_left = 0        # _LENGTH: body bytes still to come
+        self.chunked = None       # _CHUNKED: the ChunkedBody walking the framing
+        self.begins = False       # the bytes being fed may begin a request
+        self.head_ends = False    # ... end a request head
+        self.ending = False       # ... end a request
         self.handshake = None
         if listener.m_tls is not None:
             ref = weakref.ref(self, functools.partial(worker.handshake_abandoned, listener, monotonic()))
@@ -370,54 +376,86 @@ class ClientConnection(asyncio.Protocol):
         worker.connections.add(self)
 
     def data_received(self, data):
+        """Feed llhttp one unit at a time, each ending where fastlb's own framing says it does: a head
+        (at its CRLFCRLF), a Content-Length body, a chunked body (core.ChunkedBody).  So fastlb knows
+        where every request begins, even in the middle of a read, and checks what llhttp would forgive
+        there before llhttp parses it; and the parser callbacks check that llhttp saw the same
+        boundaries (RFC 9112 §6.3: a message framed two ways is how requests are smuggled)."""
         if self.tunnel is not None:
             self.tunnel.transport.write(data)
             return
-        if self.closed or self.paused & PAUSE_FAILED:
-            return  # a broken stream: nothing after the bad request is parsed
-        if self.at_start:
-            if not self._check_request_line(data):
+        pos = 0
+        end = len(data)
+        while pos < end:
+            if self.closed or self.paused & PAUSE_FAILED or self.framing == _DONE:
+                return  # a broken stream, or one that ended: nothing more is parsed
+            stop = self._next_unit(data, pos, end)
+            if stop < 0:
                 return
-        else:
-            self.msg_at = -1  # this read starts inside a request
-        ex = self.incoming
-        self.read = data
-        self.unchecked = False
-        self.head_end = _HEAD_EARLIER  # until on_headers_complete says it ended in this read
-        self.body_at_read = ex.body_received if ex is not None else 0
-        self.counting = self.deadline_kind == _BODY and ex.flags & _F_CHUNKED
-        if self.counting:
-            self.raw_body += len(data)
-        try:
-            self.parser.feed_data(data)
-        except HttpParserUpgrade as exc:
-            self._hold_after_upgrade(data[exc.args[0]:])
-        except HttpParserError as exc:
-            self._parse_error(exc)
-        if self.counting:
-            self.counting = False
-            if self._too_much_framing() and not self.closed:
+            try:
+                self.parser.feed_data(data if pos == 0 and stop == end else data[pos:stop])
+            except HttpParserUpgrade as exc:
+                self._hold_after_upgrade(data[pos + exc.args[0]:])
+                return
+            except HttpParserError as exc:
+                self._parse_error(exc)
+                return
+            if self.head_ends or self.ending:
+                self.fail(400)  # llhttp did not end the head or the request where the framing does
+                return
+            pos = stop
+
+    def _next_unit(self, data: bytes, pos: int, end: int) -> int:
+        """Where the unit that begins at data[pos] ends (at most `end`), flags set for the callbacks;
+        -1 if it is refused (already answered)."""
+        framing = self.framing
+        if framing == _LENGTH:
+            stop = min(end, pos + self.body_left)
+            self.body_left -= stop - pos
+            self.ending = not self.body_left
+            return stop
+        if framing == _CHUNKED:
+            stop = self.chunked.scan(data, pos)
+            if stop == _CHUNKED_BAD:
                 self.fail(400)
+                return -1
+            self.ending = stop >= 0
+            return stop if stop >= 0 else end
+        # _HEAD
+        self.begins = self.headers is None  # no head under way: a request begins here
+        if self.at_start and not self._check_request_line(data, pos):
+            return -1
+        tail = self.tail
+        stop = -1
+        if tail:  # the head began in an earlier read (so pos is 0): its CRLFCRLF may straddle the two
+            found = (tail + data[:3]).find(_HEAD_END)
+            if found >= 0:
+                stop = found + 4 - len(tail)
+        if stop < 0:
+            found = data.find(_HEAD_END, pos)
+            if found >= 0:
+                stop = found + 4
+        if stop >= 0:
+            self.tail = b""
+            self.head_ends = True
+            return stop
+        self.tail = data[end - 3:] if end - pos >= 3 else (tail + data[pos:])[-3:]
+        return end
 
-    def _too_much_framing(self) -> bool:
-        """Chunk extensions are dropped, but not unbounded: over 4 KiB of framing beyond what the
-        chunk-size lines need is refused (llhttp sets no limit of its own).  The wire bytes counted
-        are whole reads, so a request pipelined in the same read counts too: the limit is generous."""
-        return self.raw_body - self.decoded > _MAX_CHUNK_FRAMING + 24 * self.chunks
-
-    def _check_request_line(self, data: bytes) -> bool:
-        """Check the bytes that start a read at a request boundary (see _request_start_problem)."""
-        line = self.line + data if self.line else data
-        status = _request_start_problem(line)
+    def _check_request_line(self, data: bytes, pos: int) -> bool:
+        """Check the bytes that begin a request (see _request_start_problem), before llhttp sees them."""
+        if self.line:  # the request line began in the previous read: this read continues it (pos 0)
+            line = self.line + data
+        else:
+            line = data
+        status = _request_start_problem(line, pos)
         if status is None:  # no complete request line yet
-            if len(line) > self.worker.limits.max_request_line:
+            if len(line) - pos > self.worker.limits.max_request_line:
                 self.at_start = False  # llhttp answers 414 on its own
             else:
-                self.line = line
-            self.msg_at = -1
+                self.line = line[pos:] if pos else line
             return True
         self.at_start = False
-        self.msg_at = 0 if not self.line else -1  # where this read's first request starts, if known
         self.line = b""
         if status:
             self.fail(status)
@@ -438,10 +476,6 @@ class ClientConnection(asyncio.Protocol):
             status = 500
         else:
             reason = str(exc)
-            if reason.startswith("Data after `Connection: close`"):
-                # The last request asked to close: what follows is ignored, not answered.
-                self.pause(PAUSE_FAILED)
-                return
             # llhttp's words for an HTTP version it does not speak (1.2, 2.0's PRI preface)
             status = 505 if reason in ("Invalid HTTP version", "Pause on PRI/Upgrade") else 400
         self.fail(status)
@@ -546,15 +580,12 @@ class ClientConnection(asyncio.Protocol):
 
     # -- httptools callbacks, in the order they fire --------------------------------------------
     def on_message_begin(self):
+        if not self.begins:
+            raise _Reject(400)  # llhttp found a request where fastlb's framing does not begin one
+        self.begins = False
         self.url = b""
         self.headers = []
         self.head_size = 0
-        if self.unchecked:
-            # This request began inside a read, after one whose end offset is unknown: its start can't
-            # be checked, and the next read does not start it either.
-            self.unchecked = False
-            self.at_start = False
-            self.line = b""
         if self.deadline_kind != _HEADER:
             # header_timeout is a total deadline for the head, counted from its first byte.
             self.deadline = monotonic() + self.worker.limits.header_timeout
@@ -580,6 +611,9 @@ class ClientConnection(asyncio.Protocol):
             raise _Reject(431)
 
     def on_headers_complete(self):
+        if not self.head_ends:
+            raise _Reject(400)  # llhttp ended the head before its CRLFCRLF
+        self.head_ends = False
         parser = self.parser
         worker = self.worker
         version = parser.get_http_version()
@@ -608,8 +642,9 @@ class ClientConnection(asyncio.Protocol):
             raise _Reject(405 if method == b"CONNECT" else 400)
         if flags & _F_CHUNKED and not chunk_ok:
             raise _Reject(400)  # RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0 is faulty framing
+        length = _content_length(headers) if flags & _F_CONTENT_LENGTH else 0
         limit = self.worker.limits.max_body_bytes
-        if limit and flags & _F_CONTENT_LENGTH and _content_length(headers) > limit:
+        if limit and length > limit:
             raise _Reject(413)  # refused before the body is read
         if not flags & _F_HAS_HOST:
             if chunk_ok:
@@ -636,19 +671,18 @@ class ClientConnection(asyncio.Protocol):
         ex.bytes_in = self.head_size + len(self.url)
         if route is not None and route.backend.hash_key is not None:
             ex.key = route.backend.hash_key(headers, self.client_ip, self.url)
-        # Where the head ends in this read, only when certain: the request began in this read at a
-        # known offset (a guess would check the wrong bytes and refuse a valid request).
-        found = self.read.find(b"\r\n\r\n", self.msg_at) if self.msg_at >= 0 else -1
-        self.head_end = found + 4 if found >= 0 else -1
-        if flags & (_F_CONTENT_LENGTH | _F_CHUNKED):
+        if flags & _F_CHUNKED:
+            self.framing = _CHUNKED
+            self.chunked = _ChunkedBody()
+        elif length:
+            self.framing = _LENGTH
+            self.body_left = length
+        else:
+            self.ending = True  # no body (RFC 9112 §6.3 item 7): the request ends with its head
+        if self.framing != _HEAD:
             # body_timeout: the longest silence allowed while the request body arrives
             self.deadline = monotonic() + worker.limits.body_timeout
             self.deadline_kind = _BODY
-            self.raw_body = self.decoded = self.chunks = 0
-            if flags & _F_CHUNKED and self.head_end >= 0:
-                # the rest of this read is (at most) this body: count its framing too
-                self.raw_body = len(self.read) - self.head_end
-                self.counting = True
         else:
             self.deadline_kind = 0
         self.incoming = ex
@@ -668,46 +702,21 @@ class ClientConnection(asyncio.Protocol):
         limit = self.worker.limits.max_body_bytes
         if limit and ex.body_received + len(body) > limit:
             raise _Reject(413)  # counted for chunked bodies (Content-Length was checked up front)
-        if self.counting:
-            self.decoded += len(body)
         ex.feed_body(body)
 
-    def on_chunk_header(self):
-        self.chunks += 1
-
     def on_message_complete(self):
+        if not self.ending:
+            raise _Reject(400)  # llhttp ended the request where fastlb's framing does not
+        self.ending = False
         ex = self.incoming
-        if self.counting and self._too_much_framing():
-            raise _Reject(400)  # checked before the terminator goes upstream
         self.incoming = None
         self.at_start = True
+        self.chunked = None
+        # RFC 9112 §9.6: after a request that closes the connection, nothing more is read as a request.
+        self.framing = _HEAD if ex.keep_alive else _DONE
         if self.deadline_kind == _BODY:
             self.deadline_kind = 0
         ex.body_complete()
-        end = self._message_end(ex)
-        self.msg_at = end
-        if end >= 0 and end < len(self.read):
-            # A pipelined request follows in this very read: llhttp is about to parse it without
-            # letting us look first, so check its start here (the same rules as at a read's start).
-            status = _request_start_problem(self.read[end:])
-            if status:
-                raise _Reject(status)
-            if status == 0:
-                self.at_start = False
-            else:  # the request line goes on in the next read: check it there, whole
-                self.line = self.read[end:]
-        self.unchecked = end < 0  # a request beginning later in this read could not be checked
-
-    def _message_end(self, ex) -> int:
-        """Offset in the current read just past the request that just completed, or -1 when it can't
-        be known (a chunked body: its framing is not visible through httptools)."""
-        if ex.flags & _F_CHUNKED:
-            return -1
-        if self.head_end >= 0:        # head (and so the whole body) in this read
-            return self.head_end + ex.body_received
-        if self.head_end == _HEAD_EARLIER and ex.body_received > self.body_at_read:
-            return ex.body_received - self.body_at_read  # the body began in an earlier read
-        return -1
 
     # -- the end of an exchange ------------------------------------------------------------------
     def exchange_done(self, ex) -> None:
