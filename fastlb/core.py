@@ -9,9 +9,6 @@ import os
 
 if os.environ.get("FASTLB_NO_EXTENSIONS") == "1":
     from fastlb._core_py import (
-        CHUNK_EXTENSIONS_MAX,
-        CHUNKED_BAD,
-        CHUNKED_MORE,
         F_CHUNKED,
         F_CONN_CLOSE,
         F_CONN_KEEPALIVE,
@@ -21,7 +18,6 @@ if os.environ.get("FASTLB_NO_EXTENSIONS") == "1":
         F_NO_BODY,
         F_UNTIL_CLOSE,
         F_UPGRADE,
-        ChunkedBody,
         hash64,
         maglev_lookup,
         maglev_table,
@@ -32,9 +28,6 @@ if os.environ.get("FASTLB_NO_EXTENSIONS") == "1":
     EXTENSION = False
 else:
     from fastlb._core import (  # type: ignore[no-redef]
-        CHUNK_EXTENSIONS_MAX,
-        CHUNKED_BAD,
-        CHUNKED_MORE,
         F_CHUNKED,
         F_CONN_CLOSE,
         F_CONN_KEEPALIVE,
@@ -44,7 +37,6 @@ else:
         F_NO_BODY,
         F_UNTIL_CLOSE,
         F_UPGRADE,
-        ChunkedBody,
         hash64,
         maglev_lookup,
         maglev_table,
@@ -75,8 +67,4 @@ __all__ = [
     "hash64",
     "maglev_table",
     "maglev_lookup",
-    "ChunkedBody",
-    "CHUNKED_MORE",
-    "CHUNKED_BAD",
-    "CHUNK_EXTENSIONS_MAX",
 ]

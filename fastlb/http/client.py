@@ -2,7 +2,7 @@
 
 Theory of operation, in the order a request travels:
 0. `data_received` frames the byte stream itself (head at CRLFCRLF, body by Content-Length or
-   core.ChunkedBody) and feeds llhttp one unit at a time, so every request's first bytes are checked
+   framing.ChunkedBody) and feeds llhttp one unit at a time, so every request's first bytes are checked
    before llhttp parses them, and llhttp must agree with each boundary.
 1. httptools (llhttp, strict) parses the head; `on_url`/`on_header` enforce the size limits as bytes
    arrive (414, 431), so an oversized head is refused before it is buffered.
@@ -30,6 +30,7 @@ from httptools import HttpParserError, HttpParserUpgrade
 from fastlb import core
 from fastlb.http import upstream
 from fastlb.http.errors import error_response, redirect_response
+from fastlb.http.framing import CHUNKED_BAD, ChunkedBody, request_start_problem
 from fastlb.http.upstream import PAUSE_BODY, PAUSE_FAILED, PAUSE_PIPELINE, PAUSE_UPGRADE
 from fastlb.lb.router import InvalidHost
 from fastlb.obs.accesslog import record
@@ -51,8 +52,6 @@ _BODY_BUFFER_CAP = 64 * 1024
 DRAIN_GRACE = 1.0
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _HEAD_END = b"\r\n\r\n"
-_CHUNKED_BAD = core.CHUNKED_BAD
-_ChunkedBody = core.ChunkedBody
 
 # What the connection's deadline means when it passes.
 _IDLE, _HEADER, _BODY = 1, 2, 3
@@ -65,32 +64,6 @@ class _Reject(Exception):
 
     def __init__(self, status: int):
         self.status = status
-
-
-def _request_start_problem(line: bytes, start: int) -> int | None:
-    """What llhttp forgives at the start of a request, and fastlb refuses before it parses it: a bare
-    CR or LF, or more than one empty line, before the request line (RFC 9112 §2.2 allows one CRLF),
-    and a request line that is not exactly METHOD SP TARGET SP VERSION (§3: single spaces).
-    `line[start:]` is what the request begins with.  Returns the status to answer, 0 if fine, None
-    if the request line is not complete yet.  Runs once per request: offsets, so nothing is copied."""
-    skip = 2 if line.startswith(b"\r\n", start) else 0
-    first = line[start + skip:start + skip + 1]
-    if first in (b"\r", b"\n", b" ") and (skip or first != b"\r" or len(line) > start + 1):
-        return 400  # a bare CR or LF, a second empty line, or a leading space
-    start += skip
-    end = line.find(b"\n", start)
-    if end < 0:
-        return None
-    if line[end - 1] != 13 or end - 1 <= start:  # 13: CR
-        return 400
-    spaces = line.count(b" ", start, end - 1)
-    if spaces == 1:
-        return 505  # HTTP/0.9: METHOD SP TARGET and no version
-    if line.startswith(b"PRI * HTTP/2.0\r\n", start):
-        return 505  # HTTP/2 prior knowledge (RFC 9113 §3.4); llhttp only stops at the preface's end
-    if spaces != 2 or line.find(b"  ", start, end - 1) >= 0:
-        return 400
-    return 0
 
 
 def _content_length(headers) -> int:
@@ -377,7 +350,7 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data):
         """Feed llhttp one unit at a time, each ending where fastlb's own framing says it does: a head
-        (at its CRLFCRLF), a Content-Length body, a chunked body (core.ChunkedBody).  So fastlb knows
+        (at its CRLFCRLF), a Content-Length body, a chunked body (framing.ChunkedBody).  So fastlb knows
         where every request begins, even in the middle of a read, and checks what llhttp would forgive
         there before llhttp parses it; and the parser callbacks check that llhttp saw the same
         boundaries (RFC 9112 §6.3: a message framed two ways is how requests are smuggled)."""
@@ -416,7 +389,7 @@ class ClientConnection(asyncio.Protocol):
             return stop
         if framing == _CHUNKED:
             stop = self.chunked.scan(data, pos)
-            if stop == _CHUNKED_BAD:
+            if stop == CHUNKED_BAD:
                 self.fail(400)
                 return -1
             self.ending = stop >= 0
@@ -443,12 +416,12 @@ class ClientConnection(asyncio.Protocol):
         return end
 
     def _check_request_line(self, data: bytes, pos: int) -> bool:
-        """Check the bytes that begin a request (see _request_start_problem), before llhttp sees them."""
+        """Check the bytes that begin a request (see framing.request_start_problem), before llhttp sees them."""
         if self.line:  # the request line began in the previous read: this read continues it (pos 0)
             line = self.line + data
         else:
             line = data
-        status = _request_start_problem(line, pos)
+        status = request_start_problem(line, pos)
         if status is None:  # no complete request line yet
             if len(line) - pos > self.worker.limits.max_request_line:
                 self.at_start = False  # llhttp answers 414 on its own
@@ -673,7 +646,7 @@ class ClientConnection(asyncio.Protocol):
             ex.key = route.backend.hash_key(headers, self.client_ip, self.url)
         if flags & _F_CHUNKED:
             self.framing = _CHUNKED
-            self.chunked = _ChunkedBody()
+            self.chunked = ChunkedBody()
         elif length:
             self.framing = _LENGTH
             self.body_left = length
