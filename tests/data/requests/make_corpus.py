@@ -175,6 +175,17 @@ invalid("bare_lf_before_request_line", b"\nGET / HTTP/1.1\r\n" + HOST + b"\r\n",
 invalid("bare_lf_after_body", post(b"Content-Length: 4\r\n", b"0\r\n\r\nGET /smuggled HTTP/1.1\r\n" + HOST + b"\r\n"),
         400, "the body ends after CR; the LF left is not an empty line: GET /smuggled is never forwarded",
         before=[200], forwarded=[fwd("POST", "/", b"0\r\n\r")])
+# After a chunked body the next request's offset is known only by walking the chunk framing
+# (http/framing.py): these are checked there, wherever the reads cut the bytes.
+invalid("bare_lf_after_chunked_body", post(CHUNK_HEAD, b"5\r\nhello\r\n0\r\n\r\n\nGET /smuggled HTTP/1.1\r\n" + HOST + b"\r\n"),
+        400, "a bare LF after a chunked body is not an empty line: GET /smuggled is never forwarded",
+        before=[200], forwarded=[fwd("POST", "/", b"hello")])
+invalid("double_space_after_chunked_body",
+        post(CHUNK_HEAD, b"3;x=y\r\nabc\r\n0\r\nX-T: 1\r\n\r\nGET  /smuggled HTTP/1.1\r\n" + HOST + b"\r\n"),
+        400, "RFC 9112 §3: single spaces in the request line, for a request after trailers too",
+        before=[200], forwarded=[fwd("POST", "/", b"abc")])
+invalid("http09_after_chunked_body", post(CHUNK_HEAD, b"0\r\n\r\nGET /smuggled\r\n\r\n"), 505,
+        "HTTP/0.9 pipelined after an empty chunked body", before=[200], forwarded=[fwd("POST", "/")])
 invalid("bare_cr_before_request_line", b"\rGET / HTTP/1.1\r\n" + HOST + b"\r\n", 400,
         "RFC 9112 §2.2: only empty lines (CRLF) may precede the request line; a bare CR is invalid")
 invalid("bare_cr_request_line", b"GET / HTTP/1.1\r" + HOST + b"\r\n", 400,
@@ -313,6 +324,10 @@ valid("http10_post_content_length", post(b"Content-Length: 3\r\n", b"abc", b"/le
       [fwd("POST", "/legacy", b"abc")], "HTTP/1.0 body framed by Content-Length", close=True)
 valid("pipelined_pair", get(b"/one") + post(b"Content-Length: 3\r\n", b"two", b"/two"),
       [fwd("GET", "/one"), fwd("POST", "/two", b"two")], "two requests in one write, answered in order")
+valid("pipelined_after_chunked_trailers",
+      post(CHUNK_HEAD, b"3;x=y\r\nabc\r\n0\r\nX-T: 1\r\n\r\n", b"/one") + b"\r\n" + get(b"/two"),
+      [fwd("POST", "/one", b"abc"), fwd("GET", "/two")],
+      "the next request begins right after the trailers' empty line (one more CRLF is allowed, §2.2)")
 valid("pipelined_head_get", b"HEAD /head-first HTTP/1.1\r\n" + HOST + b"\r\n" + get(b"/after-head"),
       [fwd("HEAD", "/head-first"), fwd("GET", "/after-head")],
       "a HEAD response has no body (RFC 9110 §9.3.2) and the next response still parses", no_body=[0])
