@@ -611,6 +611,31 @@ def test_sighup_reloads_certificates(fastlb, backends, tmp_path, pems):
     assert "reloaded: generation 2" not in lb.output
 
 
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2], ids=["TLSv1.3", "TLSv1.2"])
+def test_sessions_resume_across_a_reload(fastlb, backends, tmp_path, pems, version):
+    """The new generation's contexts get the running ticket keys: a client that comes back after a
+    reload resumes instead of paying a full handshake."""
+    (backend,) = backends("b1")
+    lb = serve(fastlb, tmp_path, [pems.default, pems.wildcard], backend, env={"FASTLB_WORKERS": "2"})
+    port = lb.tls_port
+    context = client_context(pems, minimum=version, maximum=version)
+    first = https(port, context, "/before-reload")
+    assert first.status == 200 and not first.reused and first.session is not None
+    old = set(lb.worker_pids())
+    lb.proc.send_signal(signal.SIGHUP)
+    lb.wait_for("reloaded: generation 1")
+    deadline = time.monotonic() + 10
+    while set(lb.worker_pids()) & old:  # the old generation drains (its one connection is closed) and exits
+        assert time.monotonic() < deadline, "the old generation did not exit"
+        time.sleep(0.05)
+    which = served_by(lb, port)
+    for i in range(6):
+        result = https(port, context, f"/after-reload/{i}", session=first.session, inspect=which)
+        assert result.status == 200 and result.worker is not None and result.worker not in old
+        assert result.reused, f"connection {i} did a full handshake after the reload"
+    assert "session-ticket keys" not in lb.output
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 10. Startup errors
 

@@ -10,7 +10,10 @@ before `fork()` carry the same keys into every worker, so a ticket issued by one
 other, which matters because SO_REUSEPORT spreads one client's connections over all workers. OpenSSL
 encrypts and decrypts tickets with the connection's *initial* context (`SSL->session_ctx` does not change
 when the SNI callback switches contexts), so tickets for every SNI name use the default context's keys.
-A reload builds new contexts, hence new keys: sessions from before a reload fall back to a full handshake.
+A reload builds new contexts, which would mean new keys and a full handshake for every client that
+comes back; `carry_ticket_keys` copies the running default context's keys into the new one instead
+(`SSL_CTX_set_tlsext_ticket_keys`, the same ctypes path as the groups below), so sessions resume across
+reloads, as with nginx's `ssl_session_ticket_key` files. A binary upgrade (USR2) is a new master: new keys.
 The switch (`SSL_set_SSL_CTX`) brings the new certificate but keeps most settings the connection copied
 from the default context at `SSL_new`, which is why every context gets the same policy, never its own.
 
@@ -58,7 +61,7 @@ from collections.abc import Callable
 
 from fastlb.net import certs
 
-__all__ = ["GROUPS", "build_server_context", "certificate_facts", "handshake_facts"]
+__all__ = ["GROUPS", "build_server_context", "carry_ticket_keys", "certificate_facts", "handshake_facts"]
 
 GROUPS = "X25519:P-256:P-384"
 
@@ -66,6 +69,8 @@ _MIN_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 _ALPN_PROTOCOLS = ["http/1.1"]
 # openssl/ssl.h; the value has been 92 since OpenSSL 1.1.0 and is part of the ABI.
 _SSL_CTRL_SET_GROUPS_LIST = 92
+_SSL_CTRL_GET_TLSEXT_TICKET_KEYS = 58
+_SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
 
 
 def _config_error(source: str, key: str, reason: str) -> Exception:
@@ -222,6 +227,24 @@ def _set_groups(context: ssl.SSLContext, groups: str, source: str) -> None:
         # Leave no stale entry in this thread's OpenSSL error queue for the ssl module to misreport later.
         lib.clear_error()
         raise _config_error(source, "tls", f"OpenSSL {ssl.OPENSSL_VERSION} refused the group list {groups}")
+
+
+def carry_ticket_keys(running: ssl.SSLContext, new: ssl.SSLContext) -> bool:
+    """Give `new` the session-ticket keys of `running` (both default contexts from
+    build_server_context, so _set_groups has already checked the pointer layout and loaded libssl).
+    False, with nothing changed, if OpenSSL refuses."""
+    lib = _libssl
+    source, target = _ssl_ctx_pointer(running), _ssl_ctx_pointer(new)
+    if lib is None or not source or not target:
+        return False
+    # A NULL buffer makes SSL_CTX_ctrl return the key block's length (80 in OpenSSL 3: name, HMAC, AES).
+    length = lib.ctrl(source, _SSL_CTRL_GET_TLSEXT_TICKET_KEYS, 0, None)
+    keys = ctypes.create_string_buffer(max(length, 0))
+    if (length <= 0 or lib.ctrl(source, _SSL_CTRL_GET_TLSEXT_TICKET_KEYS, length, keys) != 1
+            or lib.ctrl(target, _SSL_CTRL_SET_TLSEXT_TICKET_KEYS, length, keys) != 1):
+        lib.clear_error()
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -114,13 +114,18 @@ class Master:
         return named
 
     def _build_contexts(self, cfg) -> tuple[dict, list]:
-        """SSLContexts built here, before fork, so all workers share one session-ticket key; and the
-        certificates' (name, notAfter) for the expiry metric, read while we can read the files."""
+        """SSLContexts built here, before fork, so all workers share one session-ticket key (on a
+        reload, the running generation's key); and the certificates' (name, notAfter) for the expiry
+        metric, read while we can read the files."""
         if not any(spec.tls for spec in cfg.listeners):
             return {}, []
-        from fastlb.net.tls import build_server_context, certificate_facts
+        from fastlb.net.tls import build_server_context, carry_ticket_keys, certificate_facts
 
         ctx = build_server_context(cfg.tls, cfg.source or "environment")
+        running = next(iter(self.contexts.values()), None)
+        if running is not None and not carry_ticket_keys(running, ctx):
+            self.log.warning("reload: OpenSSL refused to copy the session-ticket keys; "
+                             "TLS sessions from before this reload will do a full handshake")
         return {i: ctx for i, spec in enumerate(cfg.listeners) if spec.tls}, certificate_facts(cfg.tls)
 
     def _slot_sockets(self, cfg, slot: int):
