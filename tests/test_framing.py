@@ -34,6 +34,8 @@ HEAD = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
         (b"GET / HTTP/1.1 \r\n", 400),
         (b"GET /\r\n", 505),
         (b"PRI * HTTP/2.0\r\n", 505),
+        (b"PRI / HTTP/2.0\r\n", 505),
+        (b"PRI * HTTP/1.1\r\n", 0),  # llhttp refuses it (400): PRI is only the h2 preface's method
     ],
 )
 @pytest.mark.parametrize("prefix", [b"", b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\nab"])

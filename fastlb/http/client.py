@@ -448,9 +448,9 @@ class ClientConnection(asyncio.Protocol):
             self.worker.log.exception("bug while parsing a request", exc_info=cause)
             status = 500
         else:
-            reason = str(exc)
-            # llhttp's words for an HTTP version it does not speak (1.2, 2.0's PRI preface)
-            status = 505 if reason in ("Invalid HTTP version", "Pause on PRI/Upgrade") else 400
+            # llhttp's words for an HTTP version it does not speak (1.2; 2.0 is refused in
+            # on_headers_complete, its PRI preface by framing.request_start_problem)
+            status = 505 if str(exc) == "Invalid HTTP version" else 400
         self.fail(status)
 
     def fail(self, status: int) -> None:

@@ -26,8 +26,10 @@ def request_start_problem(line: bytes, start: int) -> int | None:
     spaces = line.count(b" ", start, end - 1)
     if spaces == 1:
         return 505  # HTTP/0.9: METHOD SP TARGET and no version
-    if line.startswith(b"PRI * HTTP/2.0\r\n", start):
-        return 505  # HTTP/2 prior knowledge (RFC 9113 §3.4); llhttp only stops at the preface's end
+    if line.startswith(b"PRI ", start) and line.startswith(b"HTTP/2.0", end - 9):
+        # HTTP/2 prior knowledge (RFC 9113 §3.4). llhttp only says so after the preface's "SM" line,
+        # past the head boundary fastlb feeds it up to.
+        return 505
     if spaces != 2 or line.find(b"  ", start, end - 1) >= 0:
         return 400
     return 0
