@@ -1,16 +1,16 @@
 """The client side: one ClientConnection per accepted (plain or TLS) connection, one Exchange per request.
 
 Theory of operation, in the order a request travels:
-0. `data_received` frames the byte stream itself (head at CRLFCRLF, body by Content-Length or
+1. `data_received` frames the byte stream itself (head at CRLFCRLF, body by Content-Length or
    framing.ChunkedBody) and feeds llhttp one unit at a time, so every request's first bytes are checked
    before llhttp parses them, and llhttp must agree with each boundary.
-1. httptools (llhttp, strict) parses the head; `on_url`/`on_header` enforce the size limits as bytes
+2. httptools (llhttp, strict) parses each unit; `on_url`/`on_header` enforce the size limits as bytes
    arrive (414, 431), so an oversized head is refused before it is buffered.
-2. `on_headers_complete` checks the version (505) and hands the parsed head to `core.request_head`, which
+3. `on_headers_complete` checks the version (505) and hands the parsed head to `core.request_head`, which
    validates framing (400/501/417) and builds the upstream head with X-Forwarded-* in one pass.
-3. The router picks a route; the Exchange asks the backend's balancer for a server and takes an idle
+4. The router picks a route; the Exchange asks the backend's balancer for a server and takes an idle
    pooled connection or opens one.  Body bytes stream to it (re-chunked when the client sent chunked).
-4. The upstream side (http/upstream.py) streams the response back; when both the request body and the
+5. The upstream side (http/upstream.py) streams the response back; when both the request body and the
    response are complete the next pipelined request, if any, starts (responses stay in request order).
 Errors that keep the connection (404, 502, 503, 504, 417) are answered as a normal response; framing
 errors answer and close, because after them the parser can no longer find the next request.
