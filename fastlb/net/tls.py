@@ -239,12 +239,13 @@ def carry_ticket_keys(running: ssl.SSLContext, new: ssl.SSLContext) -> bool:
         return False
     # A NULL buffer makes SSL_CTX_ctrl return the key block's length (80 in OpenSSL 3: name, HMAC, AES).
     length = lib.ctrl(source, _SSL_CTRL_GET_TLSEXT_TICKET_KEYS, 0, None)
-    keys = ctypes.create_string_buffer(max(length, 0))
-    if (length <= 0 or lib.ctrl(source, _SSL_CTRL_GET_TLSEXT_TICKET_KEYS, length, keys) != 1
-            or lib.ctrl(target, _SSL_CTRL_SET_TLSEXT_TICKET_KEYS, length, keys) != 1):
-        lib.clear_error()
-        return False
-    return True
+    if length > 0:
+        keys = ctypes.create_string_buffer(length)
+        if (lib.ctrl(source, _SSL_CTRL_GET_TLSEXT_TICKET_KEYS, length, keys) == 1
+                and lib.ctrl(target, _SSL_CTRL_SET_TLSEXT_TICKET_KEYS, length, keys) == 1):
+            return True
+    lib.clear_error()
+    return False
 
 
 # ---------------------------------------------------------------------------------------------------------
