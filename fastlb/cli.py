@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         except config.ConfigError as exc:
             print(exc, file=sys.stderr)
             return 1
-        print(f"{args.config}: ok")
+        print(f"{cfg.source}: ok")
         return 0
     if args.command in ("reload", "stop"):
         return _signal_master(args, signal.SIGHUP if args.command == "reload" else signal.SIGTERM)
@@ -71,12 +71,7 @@ def load_config(path, cli, ingress_files):
     """The config from file, environment and flags, plus the routes of any Ingress manifests."""
     from fastlb import config
 
-    cfg = config.load(path, os.environ, cli)
-    if ingress_files:
-        from fastlb.lb import ingress
-
-        cfg = ingress.apply(cfg, ingress_files)
-    return cfg
+    return config.load(path, os.environ, cli, ingress_files)
 
 
 def _serve(args, config) -> int:

@@ -18,8 +18,10 @@ Values from (2) and (3) are ``_Text``: a ``str`` that remembers its source and v
 parses ``_Text`` from its string form (``"2"`` is a fine ``workers`` in the environment, an error in
 TOML), and an error in such a value names the variable instead of a key in a file the value never came
 from. The typed walk then runs once, followed by the checks that span sections (routes name defined
-backends, TLS listeners have certificates, ...). Every failure is a ``ConfigError`` whose ``str`` is one
-line: ``<file or "environment" or "command line">: <key path or variable>: <reason>``.
+backends, listeners do not clash, ...), then the Ingress manifests (``--ingress``) are merged in, and
+only then are TLS listeners checked for a certificate, since an Ingress ``tls:`` section may bring the
+only one. Every failure is a ``ConfigError`` whose ``str`` is one line: ``<absolute file path or
+"environment" or "command line">: <key path or variable>: <reason>``.
 
 Nothing here runs per request; the router, balancers and TLS contexts compile what they need from the
 resulting ``Config`` once per generation.
@@ -33,7 +35,7 @@ import os
 import re
 import ssl
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,9 +69,9 @@ __all__ = [
 class ConfigError(Exception):
     """A config value is wrong. ``str(e)`` is exactly one line: ``source: key: reason``.
 
-    ``source`` is the config file path as given, ``"environment"`` or ``"command line"``; ``key`` is the
-    dotted key path (``backends.api.servers[1].address``), the variable name (``FASTLB_WORKERS``) or
-    ``"-"`` for the file as a whole.
+    ``source`` is the absolute path of the config file (or Ingress manifest), ``"environment"`` or
+    ``"command line"``; ``key`` is the dotted key path (``backends.api.servers[1].address``), the variable
+    name (``FASTLB_WORKERS``) or ``"-"`` for the file as a whole.
     """
 
     def __init__(self, source: str, key: str, reason: str) -> None:
@@ -928,16 +930,21 @@ def _check_config(config: Config, raw: dict[str, Any], ctx: _Ctx) -> None:
         )
         raise _error_at((raw.get("admin") or {}).get("address"), "admin.address", ctx, reason)
 
-    if not config.tls.certificates:
-        for i, listener in enumerate(config.listeners):
-            if listener.tls:
-                where = listener_address(i)
-                if isinstance(where, _Text):
-                    reason = (
-                        "TLS listener needs at least one certificate (set FASTLB_TLS_CERT and FASTLB_TLS_KEY)"
-                    )
-                    raise ConfigError(where.source, where.var, reason)
-                raise _file_error(ctx, "tls.certificates", "TLS listener needs at least one certificate")
+
+def _check_certificates(config: Config, raw: dict[str, Any], ctx: _Ctx) -> None:
+    """A TLS listener needs a certificate. Run after the Ingress manifests are merged: their ``tls:``
+    sections may be the only certificates."""
+    if config.tls.certificates:
+        return
+    raw_listeners = raw.get("listeners") or []
+    for i, listener in enumerate(config.listeners):
+        if listener.tls:
+            where = raw_listeners[i].get("address") if i < len(raw_listeners) else None
+            if isinstance(where, _Text):
+                reason = "TLS listener needs at least one certificate (set FASTLB_TLS_CERT and FASTLB_TLS_KEY)"
+                raise ConfigError(where.source, where.var, reason)
+            reason = "TLS listener needs at least one certificate ([[tls.certificates]] or an Ingress tls: section)"
+            raise _file_error(ctx, "tls.certificates", reason)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -1187,28 +1194,42 @@ def _read_toml(path: str) -> dict[str, Any]:
         raise ConfigError(path, "-", f"invalid TOML: {e}") from None
 
 
-def load(path: str | None, env: Mapping[str, str], cli: Mapping[str, str] | None = None) -> Config:
+def load(
+    path: str | None,
+    env: Mapping[str, str],
+    cli: Mapping[str, str] | None = None,
+    ingress: Sequence[str] = (),
+) -> Config:
     """Read, merge (command line > environment > file > default) and validate the configuration.
 
     ``env`` is usually ``os.environ``; only ``FASTLB_*`` names are read. ``cli`` maps the same names to
     the command-line flags' values. Without ``path``, ``FASTLB_CONFIG`` (command line, then environment)
-    names the file; with neither, the configuration comes from variables and defaults alone.
-    Raises ``ConfigError``.
+    names the file; with neither, the configuration comes from variables and defaults alone. ``ingress``
+    lists Kubernetes Ingress manifests whose routes, backends and certificates are merged in before the
+    checks that need them. Raises ``ConfigError``.
     """
     cli = cli or {}
     if path is None:
         path = cli.get("FASTLB_CONFIG") or env.get("FASTLB_CONFIG") or None
     if path:
+        # Errors name the file by its absolute path: they surface in logs (a failed reload) read long after
+        # and far from the shell that started fastlb, whose working directory no one remembers.
+        path = os.path.abspath(path)
         tree = _read_toml(path)
-        ctx = _Ctx(path, os.path.dirname(os.path.abspath(path)))
+        ctx = _Ctx(path, os.path.dirname(path))
     else:
         tree = {}
         ctx = _Ctx("environment", os.getcwd())
     _apply_layer(tree, "environment", env, only_fastlb=True)
     _apply_layer(tree, "command line", cli, only_fastlb=False)
     _check_made(tree)
-    config: Config = _parse_table(Config, tree, "", ctx, source=os.path.abspath(path) if path else None)
+    config: Config = _parse_table(Config, tree, "", ctx, source=path)
     if not config.listeners:
         config = dataclasses.replace(config, listeners=(ListenerSpec(DEFAULT_LISTEN),))
     _check_config(config, tree, ctx)
+    if ingress:
+        from fastlb.lb import ingress as k8s  # imports this module, so not at the top
+
+        config = k8s.apply(config, list(ingress))
+    _check_certificates(config, tree, ctx)
     return config

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -536,7 +538,8 @@ FILE_ERRORS = [
     ('[backends.web]\nservers = ["127.0.0.1:1", { address = "127.0.0.1:1", weight = 2 }]\n',
      "backends.web.servers[1].address", "duplicate server 127.0.0.1:1 (also servers[0])"),
     # listeners, TLS
-    ('[[listeners]]\naddress = ":8443"\ntls = true\n', "tls.certificates", "TLS listener needs at least one certificate"),
+    ('[[listeners]]\naddress = ":8443"\ntls = true\n', "tls.certificates",
+     "TLS listener needs at least one certificate ([[tls.certificates]] or an Ingress tls: section)"),
     ('[[listeners]]\naddress = ":8443"\ntls = true\nredirect_to_https = true\n' + TLS_CERT,
      "listeners[0].redirect_to_https", "a TLS listener cannot redirect to https"),
     ('[[listeners]]\naddress = ":8080"\n[[listeners]]\naddress = "0.0.0.0:8080"\n', "listeners[1].address",
@@ -826,3 +829,19 @@ def test_every_env_key_is_read(confdir: Path, name: str) -> None:
     base = {"FASTLB_BACKENDS": "127.0.0.1:1", "FASTLB_TLS_CERT": "site.pem", "FASTLB_TLS_KEY": "site.key"}
     value = samples.get(name, "7")
     assert load(None, {**base, name: value}) != load(None, base)
+
+
+def test_errors_name_the_file_by_its_absolute_path(confdir: Path) -> None:
+    # One form whichever check finds the problem: the schema walk, or TLS when `fastlb check` builds the
+    # contexts (it used to print the path as given for the first and the absolute path for the second).
+    absolute = write(confdir, BASE + "[server]\nworkers = -1\n")
+    error = load_error("fastlb.toml")
+    assert (error.source, error.key) == (absolute, "server.workers")
+    write(confdir, BASE + '[[listeners]]\naddress = ":8443"\ntls = true\n'
+          '[[tls.certificates]]\ncert = "site.pem"\nkey = "site.key"\n')
+    assert load("fastlb.toml", {}).source == absolute
+    out = subprocess.run([sys.executable, "-m", "fastlb", "check", "fastlb.toml"], capture_output=True, text=True)
+    assert out.returncode == 1 and out.stderr.startswith(f"{absolute}: tls.certificates[0].cert: "), out.stderr
+    write(confdir, BASE)
+    out = subprocess.run([sys.executable, "-m", "fastlb", "check", "fastlb.toml"], capture_output=True, text=True)
+    assert (out.returncode, out.stdout) == (0, f"{absolute}: ok\n")

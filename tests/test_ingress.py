@@ -1,10 +1,12 @@
 """Kubernetes Ingress manifests imported as routes, through the real server."""
 
 import http.client
+import socket
 import subprocess
 import sys
 
 import pytest
+from conftest import free_port
 
 from fastlb import config
 from fastlb.lb import ingress
@@ -113,3 +115,88 @@ def test_tls_secret_becomes_a_certificate(tmp_path):
     cfg = config.load(str(_services_config(tmp_path, "127.0.0.1:1", "127.0.0.1:2")), {}, {})
     out = ingress.apply(cfg, [str(manifest)])
     assert [(c.cert, c.key) for c in out.tls.certificates] == [(str(secret / "tls.crt"), str(secret / "tls.key"))]
+
+
+def _check(cfg, *manifests):
+    return subprocess.run([sys.executable, "-m", "fastlb", "check", str(cfg),
+                           *(arg for m in manifests for arg in ("--ingress", str(m)))],
+                          capture_output=True, text=True)
+
+
+def test_tls_listener_whose_only_certificate_comes_from_the_ingress(backends, fastlb, tmp_path):
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    secret = tmp_path / "shop-tls"
+    secret.mkdir()
+    leaf = ca.issue_cert("shop.example.com")
+    leaf.cert_chain_pems[0].write_to_path(str(secret / "tls.crt"))
+    leaf.private_key_pem.write_to_path(str(secret / "tls.key"))
+    api, web = backends("api", "web")
+    port = free_port()
+    cfg = _services_config(tmp_path, api.address, web.address)
+    cfg.write_text(cfg.read_text().replace(
+        "[services]", f'[[listeners]]\naddress = "127.0.0.1:{port}"\ntls = true\n\n[services]'))
+    manifest = tmp_path / "tls.yaml"
+    manifest.write_text(MANIFEST.format().replace(
+        "  ingressClassName: fastlb", "  ingressClassName: fastlb\n  tls:\n  - hosts: [shop.example.com]\n"
+        "    secretName: shop-tls"))
+
+    out = _check(cfg, manifest)
+    assert out.returncode == 0, out.stderr
+    # Without the manifest the listener has no certificate, and the error says where one can come from.
+    out = _check(cfg)
+    assert out.returncode == 1 and "tls.certificates: TLS listener needs at least one certificate" in out.stderr
+    assert "Ingress tls: section" in out.stderr
+
+    fastlb(args=["--config", str(cfg), "--ingress", str(manifest)])
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
+    # The client checks the certificate against shop.example.com: the Ingress secret is what is served.
+    conn.sock = context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
+                                    server_hostname="shop.example.com")
+    conn.request("GET", "/api/cart", headers={"Host": "shop.example.com"})
+    resp = conn.getresponse()
+    resp.read()
+    assert resp.status == 200 and resp.getheader("X-Backend") == "api"
+
+
+def test_annotations_and_service_ports_are_never_ignored_silently(tmp_path):
+    cfg = _services_config(tmp_path, "127.0.0.1:1", "127.0.0.1:2")
+    manifest = tmp_path / "annotated.yaml"
+    manifest.write_text(MANIFEST.format().replace("  name: shop\n", (
+        "  name: shop\n  annotations:\n"
+        "    kubectl.kubernetes.io/last-applied-configuration: '{}'\n"
+        "    cert-manager.io/cluster-issuer: letsencrypt\n"), 1))
+    out = _check(cfg, manifest)
+    assert out.returncode == 0, out.stderr
+    lines = out.stderr.splitlines()
+    for name in ("kubectl.kubernetes.io/last-applied-configuration", "cert-manager.io/cluster-issuer"):
+        assert f"{manifest}: [0].metadata.annotations[{name!r}]: ignored: fastlb reads no annotations" in lines
+    # service.port: once per service and port (api 8080, web 80, api http), where it is first used.
+    ports = [line for line in lines if ".service.port: ignored:" in line]
+    assert len(ports) == 3, out.stderr
+    assert (f"{manifest}: [0].spec.rules[0].http.paths[1].backend.service.port: ignored: the servers of "
+            "service 'web', ports included, come from [services].web") in ports
+
+    for annotation in ("nginx.ingress.kubernetes.io/rewrite-target: /$2",
+                       "traefik.ingress.kubernetes.io/router.middlewares: auth@file"):
+        manifest.write_text(MANIFEST.format().replace("  name: shop\n", f"  name: shop\n  annotations:\n"
+                                                      f"    {annotation}\n", 1))
+        out = _check(cfg, manifest)
+        name = annotation.split(":")[0]
+        assert out.returncode == 1 and out.stderr.startswith(
+            f"{manifest}: [0].metadata.annotations[{name!r}]: not implemented by fastlb"), out.stderr
+        assert out.stderr.count("\n") == 1
+
+
+def test_errors_name_the_manifest_by_its_absolute_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _services_config(tmp_path, "127.0.0.1:1", "127.0.0.1:2")
+    (tmp_path / "bad.yaml").write_text(MANIFEST.replace("pathType: Exact", "pathType: Regex").format())
+    out = _check("fastlb.toml", "bad.yaml")
+    assert out.returncode == 1
+    assert out.stderr.startswith(f"{tmp_path / 'bad.yaml'}: [0].spec.rules[0].http.paths[1].pathType: ")

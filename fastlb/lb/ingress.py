@@ -3,25 +3,49 @@
 Service names resolve to servers through the config's `[services]` map (name -> addresses): fastlb
 does not talk to the Kubernetes API.  A TLS secret is read from `<manifest dir>/<secretName>/tls.crt`
 and `tls.key`, the layout a mounted `kubernetes.io/tls` Secret has.  `pathType: ImplementationSpecific`
-is treated as Prefix.  Any field fastlb does not implement is an error naming it, never ignored.
+is treated as Prefix.  Nothing is ignored without a word:
+
+- a field fastlb does not implement is an error naming it;
+- an annotation in an ingress controller's namespace (`nginx.ingress.kubernetes.io/rewrite-target`,
+  `traefik.ingress.kubernetes.io/...`: any `*ingress.kubernetes.io/` key) is an error, because it
+  changes what a request gets (a rewrite, a redirect, an auth check) and serving the manifest without it
+  would send traffic where the manifest says it must not go;
+- any other annotation (kubectl's `last-applied-configuration`, cert-manager's, external-dns's: the
+  bookkeeping every real manifest carries) is logged as ignored, one warning each, since refusing them
+  would refuse almost every manifest in use;
+- `service.port` is logged as ignored once per service and port: the servers, and so their ports, come
+  from `[services]`; a Service port is usually not the endpoints' port (80 in front of 8080), so it cannot
+  be checked against them either.
 """
 
 import dataclasses
+import logging
 import os
 
 from fastlb.config import BackendSpec, CertSpec, ConfigError, RouteSpec, ServerSpec
 
 _PATH_TYPES = {"Exact": "exact", "Prefix": "prefix", "ImplementationSpecific": "prefix"}
 _SPEC_FIELDS = {"rules", "defaultBackend", "tls", "ingressClassName"}
+# The annotation namespace ingress controllers configure request handling with (ingress-nginx, Traefik,
+# the AWS load balancer controller, ...): `<anything>ingress.kubernetes.io/<name>`.
+_CONTROLLER_ANNOTATION = "ingress.kubernetes.io"
+
+log = logging.getLogger("fastlb.ingress")
 
 
 def apply(cfg, files: list[str]):
-    """cfg extended with the routes, backends and certificates of every Ingress in files."""
+    """cfg extended with the routes, backends and certificates of every Ingress in files.
+
+    Errors and warnings name each file by its absolute path, as every config error does. Warnings are
+    logged only once every manifest is accepted, so a refused one is still a single line.
+    """
     routes, backends, certs = list(cfg.routes), dict(cfg.backends), list(cfg.tls.certificates)
     default = cfg.default_backend
-    for path in files:
+    warnings: dict[str, None] = {}  # ordered and without repeats
+    ports_seen: set[tuple[str, object]] = set()  # (service, port): warned about once per load
+    for path in map(os.path.abspath, files):
         for index, doc in enumerate(_documents(path)):
-            reader = _Reader(path, f"[{index}]", cfg, backends)
+            reader = _Reader(path, f"[{index}]", cfg, backends, warnings, ports_seen)
             new_routes, new_default, new_certs = reader.ingress(doc)
             routes.extend(new_routes)
             certs.extend(new_certs)
@@ -29,6 +53,8 @@ def apply(cfg, files: list[str]):
                 if default is not None:
                     raise ConfigError(path, f"[{index}].spec.defaultBackend", "a default backend is already set")
                 default = new_default
+    for warning in warnings:
+        log.warning("%s", warning)
     return dataclasses.replace(
         cfg, routes=tuple(routes), backends=backends, default_backend=default,
         tls=dataclasses.replace(cfg.tls, certificates=tuple(certs)),
@@ -39,7 +65,7 @@ def _documents(path: str) -> list:
     try:
         import yaml
     except ImportError:
-        raise ConfigError(path, "-", "reading Ingress files needs PyYAML: pip install 'fastlb[k8s]'") from None
+        raise ConfigError(path, "-", "reading Ingress files needs PyYAML: pip install PyYAML") from None
     try:
         with open(path) as f:
             return [d for d in yaml.safe_load_all(f) if d is not None]
@@ -50,20 +76,26 @@ def _documents(path: str) -> list:
 
 
 class _Reader:
-    def __init__(self, path, prefix, cfg, backends):
+    def __init__(self, path, prefix, cfg, backends, warnings, ports_seen):
         self.path = path
         self.prefix = prefix
         self.cfg = cfg
         self.backends = backends
+        self.warnings = warnings
+        self.ports_seen = ports_seen
 
     def fail(self, key: str, reason: str):
         return ConfigError(self.path, self.prefix + key, reason)
 
-    def table(self, value, key: str, allowed: set[str]) -> dict:
+    def warn(self, key: str, reason: str) -> None:
+        self.warnings[f"{self.path}: {self.prefix}{key}: {reason}"] = None
+
+    def table(self, value, key: str, allowed: set[str] | None) -> dict:
+        """value as a mapping whose keys are all in allowed (None: any key)."""
         if not isinstance(value, dict):
             raise self.fail(key, f"expected a mapping, got {type(value).__name__}")
         for name in value:
-            if name not in allowed:
+            if allowed is not None and name not in allowed:
                 raise self.fail(f"{key}.{name}", "unsupported field")
         return value
 
@@ -71,6 +103,9 @@ class _Reader:
         doc = self.table(doc, "", {"apiVersion", "kind", "metadata", "spec", "status"})
         if doc.get("apiVersion") != "networking.k8s.io/v1" or doc.get("kind") != "Ingress":
             raise self.fail(".kind", "expected apiVersion networking.k8s.io/v1, kind Ingress")
+        # The rest of metadata (name, namespace, labels, uid, managedFields, ...) names the object and
+        # never changes how it routes.
+        self.annotations(self.table(doc.get("metadata") or {}, ".metadata", None))
         spec = self.table(doc.get("spec") or {}, ".spec", _SPEC_FIELDS)
         routes = []
         for r, rule in enumerate(spec.get("rules") or []):
@@ -111,6 +146,15 @@ class _Reader:
             certs.append(CertSpec(cert=cert, key=key_file))
         return routes, default, certs
 
+    def annotations(self, metadata: dict) -> None:
+        annotations = self.table(metadata.get("annotations") or {}, ".metadata.annotations", None)
+        for name in annotations:
+            key = f".metadata.annotations[{str(name)!r}]"
+            if str(name).partition("/")[0].endswith(_CONTROLLER_ANNOTATION):
+                raise self.fail(key, "not implemented by fastlb: this annotation changes how requests are "
+                                "handled; remove it or express it in fastlb's config")
+            self.warn(key, "ignored: fastlb reads no annotations")
+
     def backend(self, value, key: str) -> str:
         value = self.table(value, key, {"service"})
         service = self.table(value.get("service") or {}, f"{key}.service", {"name", "port"})
@@ -121,7 +165,12 @@ class _Reader:
         addresses = self.cfg.services.get(name)
         if not addresses:
             raise self.fail(f"{key}.service.name", f"service {name!r} is not in [services]")
-        backend = f"{name}-{port.get('number') or port.get('name') or 'default'}"
+        port_id = port.get("number") or port.get("name")
+        if port_id is not None and (name, port_id) not in self.ports_seen:
+            self.ports_seen.add((name, port_id))
+            self.warn(f"{key}.service.port",
+                      f"ignored: the servers of service {name!r}, ports included, come from [services].{name}")
+        backend = f"{name}-{port_id or 'default'}"
         if backend not in self.backends:
             self.backends[backend] = BackendSpec(
                 name=backend, servers=tuple(ServerSpec(address=a, weight=1) for a in addresses))
