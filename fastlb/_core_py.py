@@ -20,8 +20,16 @@ Conventions shared by every function:
 - Field names compare case-insensitively, ASCII only (RFC 9110 §5.1), like ``bytes.lower``.
 - When ``error_status`` is not 0 the head is ``b""``, but flags/host/request id still describe the
   headers, so a caller can log them and knows how the (rejected) message was framed.
+
+Two entry points per direction share one path:
+- ``request_head``/``response_head`` take a head already split into a list of fields (by llhttp);
+- ``parse_request``/``parse_response`` take the raw head bytes, split them here (RFC 9112 §2-§5: the
+  request or status line, then field lines, every byte checked) into the same list of fields, and hand
+  it to the same ``_request``/``_response`` that ``request_head``/``response_head`` use. The compiled
+  twin does the same with a C array of fields filled from either source.
 """
 
+import re
 from http import HTTPStatus
 
 __all__ = [
@@ -34,8 +42,12 @@ __all__ = [
     "F_HAS_HOST",
     "F_NO_BODY",
     "F_UNTIL_CLOSE",
+    "F_HTTP10",
+    "F_AMBIGUOUS",
     "request_head",
     "response_head",
+    "parse_request",
+    "parse_response",
     "hash64",
     "maglev_table",
     "maglev_lookup",
@@ -51,6 +63,10 @@ F_CONN_KEEPALIVE = 32  # "keep-alive" among the Connection options
 F_HAS_HOST = 64  # request: at least one Host field
 F_NO_BODY = 128  # response: no body by definition (RFC 9112 §6.3 item 1); overrides the framing bits
 F_UNTIL_CLOSE = 256  # response: body delimited by the end of the connection (RFC 9112 §6.3 item 8)
+F_HTTP10 = 512  # parse_request/parse_response: the message is HTTP/1.0
+# request: GET, HEAD or TRACE with a Content-Length body. Forwarded, but the upstream and the client
+# connections close after the response (see _BODYLESS).
+F_AMBIGUOUS = 1024
 
 # RFC 9110 §5.6.2: token = 1*tchar.
 _TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -59,6 +75,8 @@ _CTL_SP = bytes(range(0x21)) + b"\x7f"
 # Longest Content-Length we accept: 18 digits always fit in a signed 64-bit integer (the body counters
 # of httptools and of the upstream protocol), 19 may not.
 _MAX_CL_DIGITS = 18
+# Largest limit parse_request/parse_response take (a Py_ssize_t on every platform we build for).
+_MAX_LIMIT = 0x7FFFFFFF
 
 # Header kinds. The numeric values mirror the enum in _core.pyx only for readability; they never leave
 # the module.
@@ -117,6 +135,29 @@ _REASONS = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
 # Pre-encoded status lines for the standard phrases (STYLE: constant bytes at import time).
 _STATUS_LINES = {code: b"HTTP/1.1 %d %s\r\n" % (code, phrase) for code, phrase in _REASONS.items()}
 
+# The common methods, returned as these very objects by parse_request (no allocation per request).
+_METHODS = {m: m for m in (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH")}
+# Methods whose request content has no defined meaning: RFC 9110 §9.3.1 (GET) and §9.3.2 (HEAD) warn that
+# a body "might lead some implementations to reject the request and close the connection because of its
+# potential as a request smuggling attack", and §9.3.8 forbids content in TRACE outright. A backend that
+# ignores such a body reads it as the next request: AWS's "ambiguous" desync class (issue 14 item 9).
+# DELETE and OPTIONS are left out: their bodies are in real use (search and bulk APIs) and RFC 9110
+# neither forbids nor warns about them in those words for OPTIONS.
+_BODYLESS = (b"GET", b"HEAD", b"TRACE")
+# Runs of "-" and "_" in a field name, collapsed to one "-" to find look-alikes of the framing fields.
+_DASH_RUNS = re.compile(rb"[-_]+")
+# RFC 9112 §3.2 + RFC 3986 §3.2.2: Host = uri-host [ ":" port ], uri-host an IP-literal or a reg-name.
+# The same characters as fastlb/lb/router.py's _HOST, minus the empty host: RFC 9110 §4.2.1 says an
+# http URI with an empty host is invalid, and an empty Host names no authority to route on (14.8).
+# Whatever this accepts, the router accepts too, so it never has to refuse a Host itself.
+_HOST_VALUE = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]+)(?::[0-9]*)?")
+# RFC 9110 §5.5: field-value bytes are VCHAR, obs-text, SP and HTAB; every other CTL and DEL is refused
+# (llhttp strict refuses them too). parse_* check this on the raw bytes; request_head's caller (llhttp)
+# already did, so _bad_fields only needs the three bytes that would split a field.
+_VALUE_CTL = bytes(c for c in range(0x20) if c != 0x09) + b"\x7f"
+# RFC 9112 §3.2: the request-target is visible ASCII (RFC 3986 has no raw SP, CTL or non-ASCII byte).
+_NOT_VCHAR = bytes(range(0x21)) + bytes(range(0x7F, 0x100))
+
 
 def _bad_value(value):
     # RFC 9110 §5.5: a recipient of CR, LF or NUL in a field value MUST reject the message or replace
@@ -143,6 +184,13 @@ def _bad_fields(lowercase_names, values):
 def _check_bytes(what, value):
     if not isinstance(value, bytes):
         raise TypeError(f"{what} must be bytes")
+
+
+def _check_int(what, value, low, high):
+    if not isinstance(value, int):
+        raise TypeError(f"{what} must be an int")
+    if not low <= value <= high:
+        raise OverflowError(f"{what} must be in [{low}, {high}]")
 
 
 def _valid_content_length(value):
@@ -173,13 +221,133 @@ def _upgrade_wanted(upgrade_values):
     return False
 
 
+def _alias(low):
+    # Many servers (CGI/WSGI environ, PHP, some frameworks) map "-" and "_" to the same variable, and
+    # some normalise runs of them, so "Content_Length" or "Transfer---Encoding" would reach the
+    # application as if it were the real field while we never interpreted it (issue 14 item 10). The
+    # kind the name would have once runs of "-" and "_" become one "-"; _OTHER if that is no name we know.
+    if b"_" not in low and b"--" not in low:
+        return _OTHER
+    return _KINDS.get(_DASH_RUNS.sub(b"-", low), _OTHER)
+
+
+def _split_fields(head, pos):
+    """The field lines of ``head`` from ``pos`` (RFC 9112 §5), as ``(name, value)`` tuples with the value
+    trimmed of OWS, or None if one of them is malformed. ``head`` ends with the CRLF of the last field
+    line followed by the empty line's CRLF."""
+    fields = []
+    for line in head[pos:-4].split(b"\r\n") if pos < len(head) - 2 else ():
+        # RFC 9112 §5.2: obs-fold (a line starting with SP or HTAB) is refused (DESIGN "Error table");
+        # before the first field line it is §2.2's whitespace, which a server MUST reject too.
+        if not line or line[0] in b" \t":
+            return None
+        name, colon, value = line.partition(b":")
+        # RFC 9112 §5.1: no whitespace between the name and the colon (MUST 400): a token check.
+        if not colon or _bad_name(name):
+            return None
+        value = value.strip(_OWS)
+        # Bare CR or LF inside a line, NUL, and every other CTL (RFC 9112 §2.2, RFC 9110 §5.5).
+        if len(value.translate(None, _VALUE_CTL)) != len(value):
+            return None
+        fields.append((name, value))
+    return fields
+
+
+def _request_line(head, max_request_line):
+    """Check the request line at the start of ``head`` (RFC 9112 §2.2, §3).
+
+    Returns ``(status, method, target, minor, fields_start)``: status 0 if the line is fine, else what
+    to answer. The checks before the version are framing.request_start_problem's, in its order, so both
+    answer the same status for the same bytes, except that a line with one separator is a 400 here.
+    """
+    # RFC 9112 §2.2: a server SHOULD ignore at least one empty line (CRLF) received before the
+    # request-line; one, not more: anything else before the method is refused.
+    pos = 2 if head.startswith(b"\r\n") else 0
+    eol = head.find(b"\r\n", pos)
+    line = head[pos:eol]
+    if not line or line[0] in b" \r\n" or b"\n" in line or b"\r" in line:
+        return 400, b"", b"", 0, 0
+    spaces = line.count(b" ")
+    if spaces == 1:
+        # RFC 9112 §3: request-line = method SP request-target SP HTTP-version. One separator is a
+        # missing target or version (or a tab for a space): malformed, not HTTP/0.9 (issue 14 item 6).
+        return 400, b"", b"", 0, 0
+    if line.startswith(b"PRI ") and line.endswith(b"HTTP/2.0"):
+        return 505, b"", b"", 0, 0  # HTTP/2 prior knowledge (RFC 9113 §3.4)
+    if spaces != 2 or b"  " in line:
+        return 400, b"", b"", 0, 0
+    if len(line) > max_request_line:
+        return 414, b"", b"", 0, 0
+    method, target, version = line.split(b" ")
+    # RFC 9112 §3.1: method = token; §3.2: the target is visible ASCII.
+    if _bad_name(method) or len(target.translate(None, _NOT_VCHAR)) != len(target):
+        return 400, b"", b"", 0, 0
+    # RFC 9112 §2.3: HTTP-version = "HTTP/" DIGIT "." DIGIT, case-sensitive.
+    if len(version) != 8 or not version.startswith(b"HTTP/") or version[6] != 0x2E \
+            or not (0x30 <= version[5] <= 0x39 and 0x30 <= version[7] <= 0x39):
+        return 400, b"", b"", 0, 0
+    if version[5] != 0x31:
+        return 505, b"", b"", 0, 0  # HTTP/0.9, HTTP/2.0...: DESIGN "version other than 1.x"
+    # RFC 9112 §2.3: a higher minor version of HTTP/1 is processed as HTTP/1.1 (issue 14 item 7).
+    return 0, _METHODS.get(method, method), target, 0 if version[7] == 0x30 else 1, eol + 2
+
+
+def parse_request(data, start, end, client_ip, proto, port, trust_xff, rid_prefix, rid_counter, authority,
+                  max_request_line, max_header_bytes, max_headers):
+    """Check one raw request head and build the head sent upstream: ``request_head`` from the bytes.
+
+    ``data[start:end]`` is one request head, from where the previous request ended (so it may begin with
+    the one empty line RFC 9112 §2.2 lets a server ignore) to just after its first CRLFCRLF.
+
+    Returns ``(status, flags, method, target, host, request_id, content_length, head)``. ``status`` is 0
+    (forward ``head``) or what fastlb answers: 400 malformed, 414/431 over the limits, 501 transfer coding,
+    505 version, 405 CONNECT, 417 expectation (the connection is kept: flags and content_length still
+    say how to skip the body). ``request_id`` is the client's X-Request-ID, else
+    ``b"%s-%x" % (rid_prefix, rid_counter)``. When the request line or a field line is malformed (or
+    over a limit) nothing else was read: flags 0, method and target ``b""``, host None.
+    """
+    _check_bytes("data", data)
+    _check_int("start", start, 0, len(data))
+    _check_int("end", end, start, len(data))
+    for what, arg in (("client_ip", client_ip), ("proto", proto), ("port", port), ("rid_prefix", rid_prefix),
+                      ("authority", authority)):
+        _check_bytes(what, arg)
+    _check_int("rid_counter", rid_counter, 0, _MASK64)
+    for what, arg in (("max_request_line", max_request_line), ("max_header_bytes", max_header_bytes),
+                      ("max_headers", max_headers)):
+        _check_int(what, arg, 0, _MAX_LIMIT)
+
+    head = data[start:end]
+    if not head.endswith(b"\r\n\r\n"):
+        # Not a head as the caller frames them; the bytes cannot be a request.
+        return 400, 0, b"", b"", None, b"%s-%x" % (rid_prefix, rid_counter), 0, b""
+    status, method, target, minor, pos = _request_line(head, max_request_line)
+    if not status:
+        # Limits (DESIGN "Error table"): the field section, CRLFs included, and its number of lines.
+        if len(head) - pos > max_header_bytes or head.count(b"\r\n", pos) - 1 > max_headers:
+            status = 431
+        else:
+            fields = _split_fields(head, pos)
+            if fields is None:
+                status = 400
+    if status:
+        return status, 0, b"", b"", None, b"%s-%x" % (rid_prefix, rid_counter), 0, b""
+    status, flags, host, request_id, length, upstream_head = _request(
+        method, target, fields, client_ip, proto, port, trust_xff, (rid_prefix, rid_counter), minor, authority
+    )
+    if not minor:
+        flags |= F_HTTP10
+    return status, flags, method, target, host, request_id, length, upstream_head
+
+
 def request_head(method, target, headers, client_ip, proto, port, trust_xff, request_id):
     """Check a parsed client request and build the head sent upstream.
 
     Returns ``(error_status, flags, host, request_id, head)``. ``error_status`` is 0, or the status the
     proxy must answer with itself (400 malformed, 501 unsupported transfer coding, 417 unsupported
     expectation; see DESIGN.md "Error table"). A missing Host is not an error here: it depends on the
-    HTTP version, which the caller knows (``flags & F_HAS_HOST``).
+    HTTP version, which the caller knows (``flags & F_HAS_HOST``); so are the request-target's form and
+    CONNECT (parse_request checks them).
     """
     for what, arg in (
         ("method", method),
@@ -192,13 +360,28 @@ def request_head(method, target, headers, client_ip, proto, port, trust_xff, req
         _check_bytes(what, arg)
     if not isinstance(headers, list):
         raise TypeError(_HEADERS_TYPE)
+    status, flags, host, request_id, _, head = _request(
+        method, target, headers, client_ip, proto, port, trust_xff, request_id, None, None
+    )
+    return status, flags, host, request_id, head
 
+
+def _request(method, target, headers, client_ip, proto, port, trust_xff, request_id, minor, authority):
+    """What request_head and parse_request share: classify the fields, check them, build the head.
+
+    ``request_id``: bytes, or ``(prefix, counter)`` formatted only when the client sent none (issue 13).
+    ``minor``: None when the caller knows the version and checks what depends on it (request_head),
+    else 0 or 1: then the target's form, CONNECT, Host and Transfer-Encoding are checked against it too,
+    and an HTTP/1.0 request without Host gets ``Host: authority`` (upstream is always HTTP/1.1).
+    Returns ``(status, flags, host, request_id, content_length, head)``.
+    """
     # The parser already checked the request line; these two checks only keep a caller bug from
     # turning into header injection upstream (RFC 9112 §3: method = token, target has no CTL or SP).
     bad = _bad_name(method) or not target or len(target.translate(None, _CTL_SP)) != len(target)
     host = None
     host_count = cl_count = te_count = 0
     cl_ok = te_chunked = False
+    length = 0
     expect_seen = expect_bad = False
     options = set()
     upgrades = []
@@ -217,12 +400,10 @@ def request_head(method, target, headers, client_ip, proto, port, trust_xff, req
         low = name.lower()
         values.append(value)
         kind = _KINDS.get(low, _OTHER)
-        if kind == _OTHER and b"_" in low:
-            # Many servers (CGI/WSGI environ, PHP, some frameworks) map "-" and "_" to the same
-            # variable, so "Content_Length" or "X_Forwarded_For" would reach the application as if it
-            # were the real field while we never interpreted it. Framing aliases are refused (DESIGN
-            # "Error table"); aliases of the fields we set are dropped so they cannot shadow ours.
-            alias = _KINDS.get(low.replace(b"_", b"-"), _OTHER)
+        if kind == _OTHER:
+            alias = _alias(low)
+            # Framing aliases are refused (DESIGN "Error table"); aliases of the fields we set are
+            # dropped so they cannot shadow ours.
             if alias in (_HOST, _CONTENT_LENGTH, _TRANSFER_ENCODING):
                 bad = True
             elif alias in (_XFF, _XF_OTHER, _REQUEST_ID):
@@ -240,6 +421,8 @@ def request_head(method, target, headers, client_ip, proto, port, trust_xff, req
         elif kind == _CONTENT_LENGTH:
             cl_count += 1
             cl_ok = _valid_content_length(value)
+            if cl_ok:
+                length = int(value)
         elif kind == _TRANSFER_ENCODING:
             te_count += 1
             # RFC 9112 §7: coding names are case-insensitive, so "CHUNKED" is chunked.
@@ -268,10 +451,24 @@ def request_head(method, target, headers, client_ip, proto, port, trust_xff, req
 
     if _bad_fields(lows, values):
         bad = True
+    if host is not None and not _HOST_VALUE.fullmatch(host):
+        bad = True  # RFC 9112 §3.2: an invalid Host field value (empty included: issue 14 item 8) is a 400
+    bodyless = method in _BODYLESS
+    if te_count and bodyless:
+        # Issue 14 item 9: a GET/HEAD/TRACE body framed by Transfer-Encoding is refused, not normalised.
+        # Normalising means buffering the whole body before the head can leave (its Content-Length
+        # comes first), which costs unbounded memory or a limit of its own, for a request no client
+        # needs to send; and a backend that ignores bodies on these methods reads the chunks as the
+        # next request.
+        bad = True
 
     flags = 0
     if cl_count == 1 and cl_ok:
         flags |= F_CONTENT_LENGTH
+        if length and bodyless:
+            flags |= F_AMBIGUOUS
+    else:
+        length = 0
     if te_count == 1 and te_chunked:
         flags |= F_CHUNKED
     if expect_seen and not expect_bad:
@@ -286,23 +483,41 @@ def request_head(method, target, headers, client_ip, proto, port, trust_xff, req
         flags |= F_HAS_HOST
     if client_request_id is not None:
         request_id = client_request_id
+    elif isinstance(request_id, tuple):
+        request_id = b"%s-%x" % request_id
 
     # Precedence: a framing error (400) hides everything else, then what we cannot decode (501), then
-    # the expectation (417: the only one after which the connection may be kept).
+    # what depends on the request line, then the expectation (417: the only one after which the
+    # connection may be kept).
     if bad or host_count > 1 or cl_count > 1 or (cl_count and not cl_ok) or (cl_count and te_count):
         # RFC 9112 §6.3 item 3: CL + TE "ought to be handled as an error"; a proxy that forwarded it
         # would have to pick one framing and hope the backend picks the same.
-        return 400, flags, host, request_id, b""
+        return 400, flags, host, request_id, length, b""
     if te_count and not (te_count == 1 and te_chunked):
         # RFC 9112 §6.1: a server that receives a transfer coding it does not understand SHOULD answer
         # 501; we only decode chunked, applied once (§6.1: chunked MUST NOT be applied twice). When
         # chunked is not the final coding §6.3 item 4 says 400 instead; DESIGN's error table answers
         # 501 for every coding but chunked, and the connection closes either way.
-        return 501, flags, host, request_id, b""
+        return 501, flags, host, request_id, length, b""
+    if minor is not None:
+        if method == b"CONNECT":
+            return 405, flags, host, request_id, length, b""  # a load balancer is not a forward proxy
+        if target[0] != 0x2F and not (target == b"*" and method == b"OPTIONS"):
+            # absolute-form, authority-form and asterisk-form (outside OPTIONS) are refused: we route
+            # on Host, and a target naming another host would make the two disagree (RFC 9112 §3.2).
+            return 400, flags, host, request_id, length, b""
+        if minor == 0 and te_count:
+            # RFC 9112 §6.1: Transfer-Encoding in an HTTP/1.0 message MUST be treated as faulty framing.
+            return 400, flags, host, request_id, length, b""
+        if minor and not host_count:
+            return 400, flags, host, request_id, length, b""  # RFC 9112 §3.2: HTTP/1.1 requires Host
     if expect_bad:
-        return 417, flags, host, request_id, b""
+        return 417, flags, host, request_id, length, b""
 
     parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+    if not host_count and minor == 0:
+        # We speak HTTP/1.1 upstream, which requires Host: name the authority the client reached.
+        parts += (b"Host: ", authority, b"\r\n")
     for item, kind, low in zip(headers, kinds, lows, strict=True):
         if kind == _HOST or kind == _CONTENT_LENGTH or (kind in _LISTABLE and low not in options):
             parts += (item[0], b": ", item[1], b"\r\n")
@@ -320,7 +535,50 @@ def request_head(method, target, headers, client_ip, proto, port, trust_xff, req
         # RFC 9110 §7.8: a proxy forwarding an upgrade must say so in its own Connection field.
         parts += (b"Upgrade: ", b", ".join(upgrades), b"\r\nConnection: upgrade\r\n")
     parts.append(b"\r\n")
-    return 0, flags, host, request_id, b"".join(parts)
+    return 0, flags, host, request_id, length, b"".join(parts)
+
+
+def parse_response(data, start, end, head_request, chunk_ok, close, max_header_bytes, max_headers):
+    """Check one raw backend response head and build the head sent to the client: ``response_head``
+    from the bytes ``data[start:end]`` (status line to just after the first CRLFCRLF).
+
+    Returns ``(status, flags, content_length, head)``: ``status`` is the response's status code, or -1
+    when the head is malformed, cannot be delimited or is over the limits (the caller answers 502,
+    RFC 9112 §6.3 item 5). ``max_header_bytes`` bounds the whole head, status line included.
+    """
+    _check_bytes("data", data)
+    _check_int("start", start, 0, len(data))
+    _check_int("end", end, start, len(data))
+    for what, arg in (("max_header_bytes", max_header_bytes), ("max_headers", max_headers)):
+        _check_int(what, arg, 0, _MAX_LIMIT)
+    head = data[start:end]
+    if not head.endswith(b"\r\n\r\n") or len(head) > max_header_bytes:
+        return -1, 0, 0, b""
+    eol = head.find(b"\r\n")
+    line = head[:eol]
+    # RFC 9112 §4: status-line = HTTP-version SP status-code SP [ reason-phrase ]. The SP before an
+    # empty reason is often left out by servers; h11 and llhttp accept that, and so do we.
+    if len(line) < 12 or line[8] != 0x20 or (len(line) > 12 and line[12] != 0x20):
+        return -1, 0, 0, b""
+    version, digits, reason = line[:8], line[9:12], line[13:]
+    if not version.startswith(b"HTTP/1.") or not 0x30 <= version[7] <= 0x39 or not digits.isdigit() \
+            or len(reason.translate(None, _VALUE_CTL)) != len(reason):
+        return -1, 0, 0, b""  # reason-phrase = *( HTAB / SP / VCHAR / obs-text )
+    if head.count(b"\r\n", eol + 2) - 1 > max_headers:
+        return -1, 0, 0, b""
+    fields = _split_fields(head, eol + 2)
+    if fields is None:
+        return -1, 0, 0, b""
+    http10 = version[7] == 0x30
+    status, flags, length, out = _response(int(digits), reason, fields, head_request, chunk_ok, close)
+    if http10:
+        flags |= F_HTTP10
+        if flags & F_CHUNKED:
+            # RFC 9112 §6.1: Transfer-Encoding in an HTTP/1.0 message MUST be treated as faulty framing.
+            status = 502
+    if status:
+        return -1, flags, 0, b""
+    return int(digits), flags, length, out
 
 
 def response_head(status, reason, headers, head_request, chunk_ok, close):
@@ -336,11 +594,18 @@ def response_head(status, reason, headers, head_request, chunk_ok, close):
     _check_bytes("reason", reason)
     if not isinstance(headers, list):
         raise TypeError(_HEADERS_TYPE)
+    error, flags, _, head = _response(status, reason, headers, head_request, chunk_ok, close)
+    return error, flags, head
 
+
+def _response(status, reason, headers, head_request, chunk_ok, close):
+    """What response_head and parse_response share. Returns ``(error_status, flags, content_length,
+    head)``."""
     # RFC 9112 §4: status-code = 3DIGIT; reason-phrase excludes CR/LF (and NUL: see _bad_value).
     bad = status < 100 or status > 999 or _bad_value(reason)
     cl_count = te_count = 0
     cl_ok = te_chunked = False
+    length = 0
     options = set()
     upgrades = []
     kinds = []
@@ -360,6 +625,8 @@ def response_head(status, reason, headers, head_request, chunk_ok, close):
         if kind == _CONTENT_LENGTH:
             cl_count += 1
             cl_ok = _valid_content_length(value)
+            if cl_ok:
+                length = int(value)
         elif kind == _TRANSFER_ENCODING:
             te_count += 1
             te_chunked = value.strip(_OWS).lower() == b"chunked"
@@ -376,6 +643,8 @@ def response_head(status, reason, headers, head_request, chunk_ok, close):
     flags = 0
     if cl_count == 1 and cl_ok:
         flags |= F_CONTENT_LENGTH
+    else:
+        length = 0
     if te_count == 1 and te_chunked:
         flags |= F_CHUNKED
     if b"close" in options:
@@ -397,7 +666,7 @@ def response_head(status, reason, headers, head_request, chunk_ok, close):
     if bad or cl_count > 1 or (cl_count and not cl_ok) or (cl_count and te_count) or (
         te_count and not (te_count == 1 and te_chunked)
     ):
-        return 502, flags, b""
+        return 502, flags, length, b""
 
     if not reason or reason == _REASONS.get(status):
         line = _STATUS_LINES.get(status)
@@ -420,7 +689,7 @@ def response_head(status, reason, headers, head_request, chunk_ok, close):
         # (RFC 9112 §6.3 item 8), so the caller closes after it and says so.
         parts.append(b"Connection: close\r\n")
     parts.append(b"\r\n")
-    return 0, flags, b"".join(parts)
+    return 0, flags, length, b"".join(parts)
 
 
 # FNV-1a 64 (Fowler/Noll/Vo, draft-eastlake-fnv §6): offset basis and prime.

@@ -9,18 +9,22 @@ import os
 
 if os.environ.get("FASTLB_NO_EXTENSIONS") == "1":
     from fastlb._core_py import (
+        F_AMBIGUOUS,
         F_CHUNKED,
         F_CONN_CLOSE,
         F_CONN_KEEPALIVE,
         F_CONTENT_LENGTH,
         F_EXPECT_CONTINUE,
         F_HAS_HOST,
+        F_HTTP10,
         F_NO_BODY,
         F_UNTIL_CLOSE,
         F_UPGRADE,
         hash64,
         maglev_lookup,
         maglev_table,
+        parse_request,
+        parse_response,
         request_head,
         response_head,
     )
@@ -44,6 +48,9 @@ else:
         response_head,
     )
 
+    # Until the compiled parse_request/parse_response land: the twin's, with the same flag values.
+    from fastlb._core_py import F_AMBIGUOUS, F_HTTP10, parse_request, parse_response
+
     EXTENSION = True
 
 # Table size callers use unless configured otherwise: the prime the Maglev paper evaluates (§5.3),
@@ -62,8 +69,12 @@ __all__ = [
     "F_HAS_HOST",
     "F_NO_BODY",
     "F_UNTIL_CLOSE",
+    "F_HTTP10",
+    "F_AMBIGUOUS",
     "request_head",
     "response_head",
+    "parse_request",
+    "parse_response",
     "hash64",
     "maglev_table",
     "maglev_lookup",
