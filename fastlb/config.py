@@ -30,6 +30,7 @@ resulting ``Config`` once per generation.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
 import os
 import re
@@ -702,7 +703,7 @@ class HealthSpec:
 class BackendSpec:
     name: str
     servers: tuple[ServerSpec, ...] = _setting(
-        (), _ListOf(_Server(), empty="at least one server is required"), "servers", required=True
+        (), _ListOf(_Server(), empty="at least one server is required"), "servers to balance over", required=True
     )
     balance: str = _setting("roundrobin", _Choice(*BALANCE_ALGORITHMS), "balancing algorithm")
     hash_on: str = _setting(
@@ -753,7 +754,10 @@ class TlsSpec:
     ciphers: str = _setting(DEFAULT_CIPHERS, _Ciphers(), "TLS 1.2 cipher suites")
     handshake_timeout: float = _setting(10.0, _Duration(), "time a TLS handshake may take")
     certificates: tuple[CertSpec, ...] = _setting(
-        (), _ListOf(_Table(CertSpec)), "certificates, chosen by SNI"
+        (),
+        _ListOf(_Table(CertSpec)),
+        "certificates: each serves the names in its subjectAltName (SNI); the first also serves clients "
+        "that send no name or an unknown one",
     )
 
 
@@ -812,21 +816,29 @@ class Config:
     source: str | None = None  # absolute path of the config file, or None
     server: ServerSection = _section(ServerSection, "process settings", env=True)
     listeners: tuple[ListenerSpec, ...] = _setting(
-        (ListenerSpec(DEFAULT_LISTEN),), _ListOf(_Table(ListenerSpec)), "listening sockets"
+        (ListenerSpec(DEFAULT_LISTEN),),
+        _ListOf(_Table(ListenerSpec)),
+        f"listening sockets; with none configured, one plain listener on {DEFAULT_LISTEN}",
     )
     tls: TlsSpec = _section(TlsSpec, "TLS settings", env=True)
     admin: AdminSpec = _section(AdminSpec, "admin listener", env=True)
     limits: LimitsSpec = _section(LimitsSpec, "client request limits", env=True)
     log: LogSpec = _section(LogSpec, "logging", env=True)
-    routes: tuple[RouteSpec, ...] = _setting((), _ListOf(_Table(RouteSpec)), "routing table")
+    routes: tuple[RouteSpec, ...] = _setting(
+        (), _ListOf(_Table(RouteSpec)), "routing table: the most specific host wins, then the longest path"
+    )
     backends: dict[str, BackendSpec] = field(
-        default_factory=dict, metadata={"kind": _Backends(), "doc": "backends"}
+        default_factory=dict, metadata={"kind": _Backends(), "doc": "backends by name, as routes name them"}
     )
     default_backend: str | None = _setting(
         None, _Str(_optional_name), "backend for requests no route matches"
     )
     services: dict[str, tuple[Address, ...]] = field(
-        default_factory=dict, metadata={"kind": _Services(), "doc": "named address lists"}
+        default_factory=dict,
+        metadata={
+            "kind": _Services(),
+            "doc": 'Kubernetes Service names and their servers, for --ingress: api = ["10.0.0.5:8080", ...]',
+        },
     )
 
     def workers_effective(self) -> int:
@@ -856,7 +868,7 @@ def _parse_table(cls: type, value: object, key: str, ctx: _Ctx, **given: Any) ->
     settings = _settings(cls)
     for name in value:
         if name not in settings:
-            raise _file_error(ctx, _join(key, name), "unknown key")
+            raise _file_error(ctx, _join(key, name), "unknown key" + _key_hint(settings, key, name))
     kwargs = dict(given)
     for name, f in settings.items():
         if name in value:
@@ -868,6 +880,20 @@ def _parse_table(cls: type, value: object, key: str, ctx: _Ctx, **given: Any) ->
     if check is not None:
         check(result, value, key, ctx)
     return result
+
+
+def _key_hint(settings: dict[str, dataclasses.Field[Any]], key: str, name: str) -> str:
+    """`` (did you mean ...?)`` for an unknown key, or "". A key of a sub-table written in its parent
+    comes first (``[tls] cert`` is ``[[tls.certificates]] cert``, ``workers`` is ``[server] workers``),
+    then a near spelling of a key of this table (``wrokers``)."""
+    for f in settings.values():
+        kind = f.metadata["kind"]
+        inner = kind.item if isinstance(kind, _ListOf) else kind
+        if isinstance(inner, _Table) and name in _settings(inner.cls):
+            table = f"[[{_join(key, f.name)}]]" if isinstance(kind, _ListOf) else f"[{_join(key, f.name)}]"
+            return f" (did you mean {table} {name}?)"
+    close = difflib.get_close_matches(name, list(settings), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _check_listener(listener: ListenerSpec, raw: dict[str, Any], key: str, ctx: _Ctx) -> None:
@@ -957,6 +983,10 @@ class _EnvVar:
     doc: str
     apply: Callable[[dict[str, Any], _Text], None] | None  # None: read elsewhere or not a setting
     path: tuple[str, ...] = ()  # the key a generic variable sets, to catch two names for it at once
+    # For the configuration reference: the key a variable sets, in its notation (``listeners[].address``),
+    # and which of several such keys when it is not all of them (``first plain listener``).
+    key: str = ""
+    scope: str = ""
 
 
 def _subtable(
@@ -1054,6 +1084,8 @@ def _env_table() -> dict[str, _EnvVar]:
             "address of the first plain (non-TLS) listener, created if there is none "
             f"(host:port; default {DEFAULT_LISTEN} when no listener is configured)",
             _set_listener(tls=False),
+            key="listeners[].address",
+            scope="first plain listener",
         )
     )
     add(
@@ -1061,6 +1093,8 @@ def _env_table() -> dict[str, _EnvVar]:
             "FASTLB_TLS_LISTEN",
             "address of the first TLS listener, created if there is none (host:port; default none)",
             _set_listener(tls=True),
+            key="listeners[].address",
+            scope="first TLS listener",
         )
     )
     add(
@@ -1069,6 +1103,8 @@ def _env_table() -> dict[str, _EnvVar]:
             "certificate chain (PEM) of the first certificate, created with "
             "FASTLB_TLS_KEY if there is none (path; default none)",
             _set_certificate("cert"),
+            key="tls.certificates[].cert",
+            scope="first certificate",
         )
     )
     add(
@@ -1077,6 +1113,8 @@ def _env_table() -> dict[str, _EnvVar]:
             "private key (PEM) of the first certificate, created with FASTLB_TLS_CERT "
             "if there is none (path; default none)",
             _set_certificate("key"),
+            key="tls.certificates[].key",
+            scope="first certificate",
         )
     )
     add(
@@ -1085,10 +1123,12 @@ def _env_table() -> dict[str, _EnvVar]:
             'comma-separated host:port servers of the backend named "default", with a '
             "catch-all route to it if no route is configured (default none)",
             _set_backends,
+            key="backends.NAME.servers",
+            scope='backend "default"',
         )
     )
     balance = _describe("backends.default.balance", _settings(BackendSpec)["balance"])
-    add(_EnvVar("FASTLB_BALANCE", balance, _set_balance))
+    add(_EnvVar("FASTLB_BALANCE", balance, _set_balance, key="backends.NAME.balance", scope='backend "default"'))
 
     for top in dataclasses.fields(Config):
         kind = top.metadata.get("kind")
@@ -1099,11 +1139,15 @@ def _env_table() -> dict[str, _EnvVar]:
                 path = (top.name, f.name)
                 doc = _describe(".".join(path), f)
                 for name in (f"FASTLB_{top.name}_{f.name}".upper(), *f.metadata.get("env", ())):
-                    add(_EnvVar(name, doc, _setter(path), path))
+                    add(_EnvVar(name, doc, _setter(path), path, ".".join(path)))
         elif kind is not None and kind.from_env:
             add(
                 _EnvVar(
-                    f"FASTLB_{top.name}".upper(), _describe(top.name, top), _setter((top.name,)), (top.name,)
+                    f"FASTLB_{top.name}".upper(),
+                    _describe(top.name, top),
+                    _setter((top.name,)),
+                    (top.name,),
+                    top.name,
                 )
             )
 
@@ -1136,7 +1180,7 @@ def _apply_layer(tree: dict[str, Any], source: str, values: Mapping[str, Any], o
         if name.startswith(_IGNORED_PREFIXES):
             continue
         if name not in _ENV:
-            raise ConfigError(source, name, "unknown setting")
+            raise ConfigError(source, name, "unknown setting" + _env_hint(name))
         present[name] = value if isinstance(value, str) else _flag_text(value)
 
     claimed: dict[tuple[str, ...], str] = {}
@@ -1149,6 +1193,20 @@ def _apply_layer(tree: dict[str, Any], source: str, values: Mapping[str, Any], o
             if other != var.name and present[other] != value:
                 raise ConfigError(source, var.name, f"conflicts with {other}={present[other]!r}")
         var.apply(tree, _Text(value, source, var.name))
+
+
+def _env_hint(name: str) -> str:
+    """`` (did you mean FASTLB_...?)`` for an unknown variable, or "". The last word says what the value
+    is, so the shortest (most general) variable ending in the same word comes first: FASTLB_SERVER_LISTEN
+    means FASTLB_LISTEN, not FASTLB_SERVER_USER, the nearer spelling. Otherwise the nearest spelling,
+    compared without the prefix every name shares."""
+    if not name.startswith("FASTLB_"):
+        return ""
+    rest = name[len("FASTLB_") :]
+    names = [var[len("FASTLB_") :] for var in _ENV]
+    same_end = [other for other in names if other.rsplit("_", 1)[-1] == rest.rsplit("_", 1)[-1]]
+    close = [min(same_end, key=len)] if same_end else difflib.get_close_matches(rest, names, n=1)
+    return f" (did you mean FASTLB_{close[0]}?)" if close else ""
 
 
 def _flag_text(value: object) -> str:

@@ -458,12 +458,18 @@ def test_boolean_text(text: str, expected: bool) -> None:
 TLS_CERT = '[[tls.certificates]]\ncert = "site.pem"\nkey = "site.key"\n'
 FILE_ERRORS = [
     # unknown keys, at every depth
-    ("[server]\nwrokers = 2\n", "server.wrokers", "unknown key"),
+    ("[server]\nwrokers = 2\n", "server.wrokers", "unknown key (did you mean 'workers'?)"),
     ("colour = 1\n", "colour", "unknown key"),
-    ('[backends.api.health]\npaht = "/"\n', "backends.api.health.paht", "unknown key"),
+    ('[backends.api.health]\npaht = "/"\n', "backends.api.health.paht", "unknown key (did you mean 'path'?)"),
+    # a key of a sub-table written in its parent: the natural guesses for TLS and workers
+    ('[tls]\ncert = "site.pem"\n', "tls.cert", "unknown key (did you mean [[tls.certificates]] cert?)"),
+    ("workers = 2\n", "workers", "unknown key (did you mean [server] workers?)"),
+    ('[backends.web]\nservers = ["127.0.0.1:1"]\npath = "/health"\n', "backends.web.path",
+     "unknown key (did you mean [backends.web.health] path?)"),
     ('[[listeners]]\naddress = ":1"\nssl = true\n', "listeners[0].ssl", "unknown key"),
     ('[[routes]]\nbackend = "api"\nprefix = "/"\n', "routes[1].prefix", "unknown key"),
-    ('[backends.web]\nservers = [{ address = "127.0.0.1:1", wieght = 2 }]\n', "backends.web.servers[0].wieght", "unknown key"),
+    ('[backends.web]\nservers = [{ address = "127.0.0.1:1", wieght = 2 }]\n', "backends.web.servers[0].wieght",
+     "unknown key (did you mean 'weight'?)"),
     # wrong types
     ('[server]\nworkers = "2"\n', "server.workers", "expected an integer, got string"),
     ("[server]\nworkers = 2.0\n", "server.workers", "expected an integer, got float"),
@@ -583,7 +589,9 @@ ENV_ERRORS = [
     ({"FASTLB_WORKERS": "x"}, "FASTLB_WORKERS", "expected an integer, got 'x'"),
     ({"FASTLB_SERVER_WORKERS": "2.5"}, "FASTLB_SERVER_WORKERS", "expected an integer, got '2.5'"),
     ({"FASTLB_FOO": "1"}, "FASTLB_FOO", "unknown setting"),
-    ({"FASTLB_SERVER_LISTEN": ":1"}, "FASTLB_SERVER_LISTEN", "unknown setting"),
+    ({"FASTLB_SERVER_LISTEN": ":1"}, "FASTLB_SERVER_LISTEN", "unknown setting (did you mean FASTLB_LISTEN?)"),
+    ({"FASTLB_WORKER": "2"}, "FASTLB_WORKER", "unknown setting (did you mean FASTLB_WORKERS?)"),
+    ({"FASTLB_TLS_CERTIFICATE": "a.pem"}, "FASTLB_TLS_CERTIFICATE", "unknown setting (did you mean FASTLB_TLS_CERT?)"),
     ({"FASTLB_GRACEFUL_TIMEOUT": "-1s"}, "FASTLB_GRACEFUL_TIMEOUT", "invalid duration '-1s': must not be negative"),
     ({"FASTLB_LIMITS_MAX_BODY_BYTES": "lots"}, "FASTLB_LIMITS_MAX_BODY_BYTES",
      """invalid size 'lots': expected a number of bytes or a number with a unit B, KiB, MiB, GiB, KB, MB or GB (e.g. "16KiB")"""),
