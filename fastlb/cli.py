@@ -10,35 +10,83 @@ from fastlb.obs import errorlog
 
 # Flags of `serve`, each the same setting as the FASTLB_* variable it names (flag > env > file > default).
 _SERVE_FLAGS = [
-    ("--workers", "FASTLB_WORKERS", "worker processes (0 = one per usable core)"),
-    ("--listen", "FASTLB_LISTEN", "address of the first plain HTTP listener"),
-    ("--tls-listen", "FASTLB_TLS_LISTEN", "address of the first TLS listener"),
-    ("--tls-cert", "FASTLB_TLS_CERT", "certificate (PEM) of the first TLS certificate"),
+    ("--workers", "FASTLB_WORKERS", "worker processes (default 0 = one per usable core)"),
+    ("--listen", "FASTLB_LISTEN", "address of the first plain HTTP listener (default 0.0.0.0:8080)"),
+    ("--tls-listen", "FASTLB_TLS_LISTEN", "address of the first TLS listener (needs --tls-cert and --tls-key)"),
+    ("--tls-cert", "FASTLB_TLS_CERT", "certificate chain (PEM) of the first TLS certificate"),
     ("--tls-key", "FASTLB_TLS_KEY", "private key (PEM) of the first TLS certificate"),
-    ("--backends", "FASTLB_BACKENDS", "comma-separated servers of a catch-all backend"),
-    ("--balance", "FASTLB_BALANCE", "balancing algorithm of that backend"),
-    ("--admin-listen", "FASTLB_ADMIN_LISTEN", "admin listener address ('' disables)"),
+    ("--backends", "FASTLB_BACKENDS",
+     "servers of a backend named 'default', with a catch-all route to it if no route is configured"),
+    ("--balance", "FASTLB_BALANCE",
+     "balancing algorithm of that backend: roundrobin (default), leastconn, p2c, hash or random"),
+    ("--admin-listen", "FASTLB_ADMIN_LISTEN",
+     "admin listener for /metrics, /status and /healthz (default 127.0.0.1:9900; '' disables)"),
 ]
+# What each flag's value looks like; argparse would otherwise show the variable name as the metavar.
+_METAVARS = {"FASTLB_WORKERS": "N", "FASTLB_TLS_CERT": "FILE", "FASTLB_TLS_KEY": "FILE",
+             "FASTLB_BACKENDS": "HOST:PORT,...", "FASTLB_BALANCE": "ALGORITHM"}
+
+_EPILOG = """\
+examples:
+  fastlb serve --demo                   try it: 127.0.0.1:8080 in front of three built-in backends
+  fastlb serve --backends 127.0.0.1:9101,127.0.0.1:9102 --listen 0.0.0.0:8080
+  fastlb serve --config /etc/fastlb.toml
+  fastlb check /etc/fastlb.toml && fastlb reload --config /etc/fastlb.toml
+
+Settings come from command-line flags, then FASTLB_* environment variables, then the TOML file, then
+defaults. docs/configuration.md lists every key with its type, default and variable; `fastlb COMMAND
+--help` shows each command's options.
+"""
+
+_SERVE_EPILOG = """\
+examples:
+  fastlb serve --demo
+  FASTLB_BACKENDS=10.0.0.5:8080,10.0.0.6:8080 fastlb serve --listen 0.0.0.0:80
+  fastlb serve --listen :80 --tls-listen :443 --tls-cert site.pem --tls-key site.key \\
+               --backends 10.0.0.5:8080
+  fastlb serve --config fastlb.toml --ingress ingress.yaml
+
+signals to the master: HUP reloads, TERM stops gracefully, INT/QUIT stop at once, USR1 reopens the access
+log, USR2 re-executes fastlb without refusing a connection.
+"""
+
+_CHECK_EPILOG = """\
+exit status 0 and "FILE: ok", or 1 and one line on stderr: FILE: KEY: REASON.
+
+examples:
+  fastlb check fastlb.toml
+  fastlb check fastlb.toml --ingress ingress.yaml
+"""
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastlb", description="TLS-terminating HTTP/1.1 load balancer")
+    raw = argparse.RawDescriptionHelpFormatter  # keeps the examples' line breaks
+    p = argparse.ArgumentParser(prog="fastlb", description="TLS-terminating HTTP/1.1 load balancer",
+                                epilog=_EPILOG, formatter_class=raw)
     p.add_argument("--version", action="version", version=f"fastlb {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the load balancer")
-    serve.add_argument("--config", "-c", help="TOML config file (or FASTLB_CONFIG)")
-    serve.add_argument("--demo", action="store_true", help="serve three built-in demo backends")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           help="one of these (fastlb COMMAND --help shows its options)")
+    serve = sub.add_parser("serve", help="run the load balancer", epilog=_SERVE_EPILOG, formatter_class=raw,
+                           description="Run the load balancer in the foreground until stopped.")
+    serve.add_argument("--config", "-c", metavar="FILE", help="TOML config file [env FASTLB_CONFIG]")
+    serve.add_argument("--demo", action="store_true",
+                       help="serve 127.0.0.1:8080 and (TLS, self-signed) :8443 in front of three built-in backends")
     serve.add_argument("--ingress", action="append", default=[], metavar="FILE",
-                       help="Kubernetes Ingress manifest to route from (repeatable; needs fastlb[k8s])")
+                       help="Kubernetes Ingress manifest to route from (repeatable; needs PyYAML)")
     for flag, env, helptext in _SERVE_FLAGS:
-        serve.add_argument(flag, dest=env, help=f"{helptext} [{env}]")
-    check = sub.add_parser("check", help="validate a config file without serving")
-    check.add_argument("config")
-    check.add_argument("--ingress", action="append", default=[], metavar="FILE")
+        serve.add_argument(flag, dest=env, metavar=_METAVARS.get(env, "HOST:PORT"), help=f"{helptext} [env {env}]")
+    check = sub.add_parser("check", help="validate a config file without serving", epilog=_CHECK_EPILOG,
+                           formatter_class=raw,
+                           description="Validate a config file (and Ingress manifests), as serve would load it.")
+    check.add_argument("config", metavar="FILE", help="TOML config file to validate")
+    check.add_argument("--ingress", action="append", default=[], metavar="FILE",
+                       help="Kubernetes Ingress manifest to validate with it (repeatable)")
     for name in ("reload", "stop"):
-        cmd = sub.add_parser(name, help=f"{name} the running master (found through its pid file)")
-        cmd.add_argument("--config", "-c", help="config file naming [server] pid_file")
-        cmd.add_argument("--pid-file", help="pid file of the master")
+        cmd = sub.add_parser(name, help=f"{name} the running master (found through its pid file)",
+                             description=f"{name.capitalize()} the running master, found through its pid file: "
+                             "--pid-file, else [server] pid_file of the config, else the default.")
+        cmd.add_argument("--config", "-c", metavar="FILE", help="config file naming [server] pid_file")
+        cmd.add_argument("--pid-file", metavar="FILE", help="pid file of the master")
     sub.add_parser("version", help="print the version")
     return p
 
