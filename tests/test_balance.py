@@ -55,6 +55,13 @@ def test_compiled_build_is_used_unless_disabled():
     assert balance.MaglevHash is balance_c.MaglevHash and backend_module.Server is backend_c.Server
 
 
+@pytest.mark.parametrize("first", ["fastlb.lb.balance", "fastlb.lb.backend"])
+def test_either_module_imports_first(first):
+    """balance_c needs backend_c's Server type and backend_c needs balance: no import-order trap."""
+    code = f"import {first}, fastlb.lb.backend as b; b.build_backends"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
+
+
 def test_missing_extension_is_an_import_error_not_the_symlinked_source(tmp_path):
     """balance_c.py is a symlink to the source: without the .so Python would import it uncompiled."""
     package = Path(__file__).resolve().parent.parent / "fastlb"

@@ -15,7 +15,9 @@ symlink with `backend_c.pxd` (typed fields the compiled balancers read directly)
 
 from collections import deque
 
-from fastlb.lb.balance import hash_key_getter, make_balancer
+# The module, not its names: the compiled balance_c imports backend_c (for the Server type) while it
+# initialises, so whichever of the two is imported first finds the other one half-initialised.
+from fastlb.lb import balance
 
 UP, DOWN = 1, 0
 _MAX_BACKOFF = 32
@@ -114,9 +116,9 @@ class Backend:
         self.name = spec.name
         self.spec = spec
         self.servers = [Server(self, first_gid + i, s, states) for i, s in enumerate(spec.servers)]
-        self.balancer = make_balancer(spec.balance, self.servers)
+        self.balancer = balance.make_balancer(spec.balance, self.servers)
         # (head, client_ip, target) -> bytes | None, only for `balance = "hash"`
-        self.hash_key = hash_key_getter(spec.hash_on) if spec.balance == "hash" else None
+        self.hash_key = balance.hash_key_getter(spec.hash_on) if spec.balance == "hash" else None
         self.waiting = deque()        # exchanges waiting for a server under max_connections
         self.m_retries = 0
 
