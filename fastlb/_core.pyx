@@ -25,7 +25,7 @@ from cpython.ref cimport Py_INCREF
 from cpython.tuple cimport PyTuple_GET_SIZE
 from libc.stdint cimport int32_t, uint64_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memcmp, memcpy
+from libc.string cimport memchr, memcmp, memcpy
 
 from http import HTTPStatus
 
@@ -39,6 +39,8 @@ F_CONN_KEEPALIVE = 32
 F_HAS_HOST = 64
 F_NO_BODY = 128
 F_UNTIL_CLOSE = 256
+F_HTTP10 = 512
+F_AMBIGUOUS = 1024
 
 cdef enum:
     C_CONTENT_LENGTH = 1
@@ -50,6 +52,8 @@ cdef enum:
     C_HAS_HOST = 64
     C_NO_BODY = 128
     C_UNTIL_CLOSE = 256
+    C_HTTP10 = 512
+    C_AMBIGUOUS = 1024
 
 cdef enum Kind:
     K_OTHER = 0
@@ -83,6 +87,8 @@ cdef enum:
     MAX_CL_DIGITS = 18
     MAX_WEIGHT = 0x7FFFFFFF
     MAX_TABLE = 0x7FFFFFFF
+    # Largest limit parse_request/parse_response take (_core_py._MAX_LIMIT).
+    MAX_LIMIT = 0x7FFFFFFF
 
 cdef extern from *:
     """
@@ -100,6 +106,11 @@ cdef extern from *:
 # lowercasing, like bytes.lower().
 cdef unsigned char _TCHAR_LOWER[256]
 cdef unsigned char _LOWER[256]
+# _VALUE_OK: a field-value or reason-phrase byte (RFC 9110 §5.5: VCHAR, obs-text, SP, HTAB).
+# _IP_LITERAL, _REG_NAME: the Host characters of _core_py._HOST_VALUE.
+cdef bint _VALUE_OK[256]
+cdef bint _IP_LITERAL[256]
+cdef bint _REG_NAME[256]
 
 
 cdef void _init_tables():
@@ -111,9 +122,21 @@ cdef void _init_tables():
         _TCHAR_LOWER[c] = 0
     for c in tchar:
         _TCHAR_LOWER[c] = _LOWER[c]
+    for c in range(256):
+        _VALUE_OK[c] = c == 0x09 or (0x20 <= c and c != 0x7F)
+        _IP_LITERAL[c] = False
+        _REG_NAME[c] = False
+    for c in b"0123456789ABCDEFabcdef:.":
+        _IP_LITERAL[c] = True
+    for c in b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~%!$&'()*+,;=":
+        _REG_NAME[c] = True
 
 
 _init_tables()
+
+# parse_request returns these objects for the common methods (see _method).
+cdef bytes _GET = b"GET", _HEAD = b"HEAD", _POST = b"POST", _PUT = b"PUT", _DELETE = b"DELETE"
+cdef bytes _OPTIONS = b"OPTIONS", _PATCH = b"PATCH"
 
 # Status lines by code for the standard phrases: "HTTP/1.1 200 OK\r\n" (STYLE: pre-encoded at import).
 cdef list _REASON_BY_STATUS = [None] * 1000
@@ -380,22 +403,112 @@ cdef inline int _field_at(list headers, Py_ssize_t i, _Field *f) except -1:
     return 0
 
 
-cdef inline bint _name_check_lower(_Field *f, unsigned char *low, bint *underscore) noexcept nogil:
+cdef int _fields_from_list(list headers, Py_ssize_t count, _Field *fields) except -1:
+    cdef Py_ssize_t i
+    for i in range(count):
+        _field_at(headers, i, &fields[i])
+    return 0
+
+
+cdef inline bint _name_check_lower(_Field *f, unsigned char *low, bint *runs) noexcept nogil:
     # One loop validates the name (RFC 9110 §5.1: field-name = token) and lowercases the prefix that
-    # could be a name we know. Returns True when the name is bad.
+    # could be a name we know; `runs`: the name has a "_" or "--" (see _alias_kind). Returns True when
+    # the name is bad.
     cdef Py_ssize_t i, n = f.name_len
-    cdef unsigned char ch
+    cdef unsigned char ch, prev = 0
     cdef bint bad = n == 0
-    underscore[0] = False
+    runs[0] = False
     for i in range(n):
         ch = _TCHAR_LOWER[f.name[i]]
         if ch == 0:
             bad = True
-        elif ch == c'_':
-            underscore[0] = True
+        elif ch == c'_' or (ch == c'-' and prev == c'-'):
+            runs[0] = True
         if i < MAX_KNOWN_NAME:
             low[i] = ch
+        prev = ch
     return bad
+
+
+cdef Kind _alias_kind(const _Field *f) noexcept nogil:
+    # The kind of the name once runs of "-" and "_" become one "-" (see _core_py._alias).
+    cdef unsigned char low[MAX_KNOWN_NAME]
+    cdef unsigned char ch
+    cdef Py_ssize_t i, n = 0
+    cdef bint dash = False
+    for i in range(f.name_len):
+        ch = _LOWER[f.name[i]]
+        if ch == c'-' or ch == c'_':
+            if dash:
+                continue
+            ch = c'-'
+            dash = True
+        else:
+            dash = False
+        if n == MAX_KNOWN_NAME:
+            return K_OTHER
+        low[n] = ch
+        n += 1
+    return _classify(low, n)
+
+
+cdef bint _valid_host(const unsigned char *p, Py_ssize_t n) noexcept nogil:
+    # _core_py._HOST_VALUE: ( "[" 1*( HEXDIG / ":" / "." ) "]" / 1*reg-name-char ) [ ":" *DIGIT ].
+    cdef Py_ssize_t i = 0
+    if n == 0:
+        return False
+    if p[0] == c'[':
+        i = 1
+        while i < n and _IP_LITERAL[p[i]]:
+            i += 1
+        if i == 1 or i == n or p[i] != c']':
+            return False
+        i += 1
+    else:
+        while i < n and _REG_NAME[p[i]]:
+            i += 1
+        if i == 0:
+            return False
+    if i == n:
+        return True
+    if p[i] != c':':
+        return False
+    for i in range(i + 1, n):
+        if p[i] < c'0' or p[i] > c'9':
+            return False
+    return True
+
+
+cdef inline long long _digits_value(const unsigned char *p, Py_ssize_t n) noexcept nogil:
+    # A Content-Length _valid_content_length accepted: at most 18 digits, so no overflow.
+    cdef Py_ssize_t s, e, i
+    cdef long long v = 0
+    _trim(p, n, &s, &e)
+    for i in range(s, e):
+        v = v * 10 + (p[i] - c'0')
+    return v
+
+
+cdef bytes _format_request_id(bytes prefix, unsigned long long counter):
+    # b"%s-%x" % (prefix, counter), written directly.
+    cdef Py_ssize_t digits = 1, pl = PyBytes_GET_SIZE(prefix)
+    cdef unsigned long long v = counter
+    while v >= 16:
+        v >>= 4
+        digits += 1
+    out = PyBytes_FromStringAndSize(NULL, pl + 1 + digits)
+    cdef char *w = PyBytes_AS_STRING(out)
+    memcpy(w, PyBytes_AS_STRING(prefix), pl)
+    w[pl] = c'-'
+    w += pl + 1 + digits
+    v = counter
+    while True:
+        w -= 1
+        w[0] = b"0123456789abcdef"[v & 15]
+        v >>= 4
+        if v == 0:
+            break
+    return <bytes>out
 
 
 def request_head(method, target, headers, client_ip, proto, port, bint trust_xff, request_id):
@@ -409,34 +522,261 @@ def request_head(method, target, headers, client_ip, proto, port, bint trust_xff
     cdef Py_ssize_t count = PyList_GET_SIZE(headers)
     cdef _Field stack_fields[STACK_FIELDS]
     cdef _Field *fields = stack_fields
+    cdef long long length
     if count > STACK_FIELDS:
         fields = <_Field *>malloc(count * sizeof(_Field))
         if fields == NULL:
             raise MemoryError()
     try:
-        return _request_head(<bytes>method, <bytes>target, <list>headers, count, fields,
-                             <bytes>client_ip, <bytes>proto, <bytes>port, trust_xff, <bytes>request_id)
+        _fields_from_list(<list>headers, count, fields)
+        return _request(
+            <const unsigned char *>PyBytes_AS_STRING(method), PyBytes_GET_SIZE(method),
+            <const unsigned char *>PyBytes_AS_STRING(target), PyBytes_GET_SIZE(target), fields, count, False,
+            <bytes>client_ip, <bytes>proto, <bytes>port, trust_xff, <bytes>request_id, None, 0, -1, None,
+            &length)
     finally:
         if fields != stack_fields:
             free(fields)
 
 
-cdef tuple _request_head(bytes method, bytes target, list headers, Py_ssize_t count, _Field *fields,
-                         bytes client_ip, bytes proto, bytes port, bint trust_xff, bytes request_id):
-    cdef const unsigned char *mp = <const unsigned char *>PyBytes_AS_STRING(method)
-    cdef const unsigned char *tp = <const unsigned char *>PyBytes_AS_STRING(target)
-    cdef Py_ssize_t ml = PyBytes_GET_SIZE(method), tl = PyBytes_GET_SIZE(target)
-    cdef Py_ssize_t i, k, s, e
-    cdef bint bad = False, underscore
+cdef int _check_int(object value, Py_ssize_t low, Py_ssize_t high, Py_ssize_t *out) except -1:
+    # _core_py._check_int: TypeError for a non-int, OverflowError outside [low, high].
+    if not isinstance(value, int):
+        raise TypeError("an int is required")
+    cdef int overflow = 0
+    cdef long long v = PyLong_AsLongLongAndOverflow(value, &overflow)
+    if overflow or v < low or v > high:
+        raise OverflowError(f"must be in [{low}, {high}]")
+    out[0] = <Py_ssize_t>v
+    return 0
+
+
+cdef int _request_line(const unsigned char *p, Py_ssize_t start, Py_ssize_t max_request_line,
+                       Py_ssize_t *method_end, Py_ssize_t *target_start, Py_ssize_t *target_end,
+                       int *minor, Py_ssize_t *line_start, Py_ssize_t *fields_start) noexcept nogil:
+    # _core_py._request_line, rule for rule and in the same order; `p[start:]` ends with CRLFCRLF, so
+    # the first CRLF is always found. Returns the status (0: fine).
+    cdef Py_ssize_t pos = start, i, eol, n, sp1 = -1, sp2 = -1
+    cdef int spaces = 0
+    cdef bint bare = False, double_space = False
+    cdef const unsigned char *v
+    if p[pos] == c'\r' and p[pos + 1] == c'\n':
+        pos += 2  # RFC 9112 §2.2: one empty line before the request line is ignored
+    i = pos
+    while True:
+        if p[i] == c'\r':
+            if p[i + 1] == c'\n':
+                break
+            bare = True
+        elif p[i] == c'\n':
+            bare = True
+        elif p[i] == c' ':
+            spaces += 1
+            if sp1 < 0:
+                sp1 = i
+            elif sp2 < 0:
+                sp2 = i
+            if i > pos and p[i - 1] == c' ':
+                double_space = True
+        i += 1
+    eol = i
+    n = eol - pos
+    if n == 0 or p[pos] == c' ' or bare:
+        return 400
+    if spaces == 1:
+        return 400  # RFC 9112 §3: a missing target or version is malformed, not HTTP/0.9 (14.6)
+    if n >= 8 and memcmp(p + pos, b"PRI ", 4) == 0 and memcmp(p + eol - 8, b"HTTP/2.0", 8) == 0:
+        return 505  # HTTP/2 prior knowledge (RFC 9113 §3.4)
+    if spaces != 2 or double_space:
+        return 400
+    if n > max_request_line:
+        return 414
+    if _bad_token(p + pos, sp1 - pos):
+        return 400
+    for i in range(sp1 + 1, sp2):
+        if p[i] <= 0x20 or p[i] >= 0x7F:
+            return 400  # RFC 9112 §3.2: visible ASCII only
+    # RFC 9112 §2.3: HTTP-version = "HTTP/" DIGIT "." DIGIT, case-sensitive.
+    v = p + sp2 + 1
+    if eol - (sp2 + 1) != 8 or memcmp(v, b"HTTP/", 5) != 0 or v[6] != c'.' or not (
+            c'0' <= v[5] <= c'9' and c'0' <= v[7] <= c'9'):
+        return 400
+    if v[5] != c'1':
+        return 505
+    minor[0] = 0 if v[7] == c'0' else 1  # RFC 9112 §2.3: HTTP/1.2+ is processed as 1.1 (14.7)
+    line_start[0] = pos
+    method_end[0] = sp1
+    target_start[0] = sp1 + 1
+    target_end[0] = sp2
+    fields_start[0] = eol + 2
+    return 0
+
+
+cdef Py_ssize_t _count_crlf(const unsigned char *p, Py_ssize_t i, Py_ssize_t end) noexcept nogil:
+    # bytes.count(b"\r\n") over p[i:end].
+    cdef Py_ssize_t n = 0
+    cdef const unsigned char *q
+    while i < end - 1:
+        q = <const unsigned char *>memchr(p + i, c'\r', end - 1 - i)
+        if q == NULL:
+            break
+        i = q - p
+        if p[i + 1] == c'\n':
+            n += 1
+            i += 2
+        else:
+            i += 1
+    return n
+
+
+cdef bint _split_fields(const unsigned char *p, Py_ssize_t i, Py_ssize_t end, _Field *fields,
+                        Py_ssize_t *count) noexcept nogil:
+    # _core_py._split_fields: the field lines of p[i:end] (which ends with CRLF CRLF) into `fields`,
+    # values trimmed. Returns True when a line is malformed.
+    cdef Py_ssize_t le, colon, s, e, k, n = 0
+    cdef const unsigned char *q
+    cdef _Field *f
+    while i < end - 2:
+        le = i
+        while True:  # the next CRLF; one always ends the head
+            q = <const unsigned char *>memchr(p + le, c'\r', end - le)
+            le = q - p
+            if p[le + 1] == c'\n':
+                break
+            le += 1
+        # RFC 9112 §5.2 obs-fold / §2.2 whitespace before the first field line; an empty line here
+        # means a second CRLFCRLF, which is no head the caller frames.
+        if le == i or p[i] == c' ' or p[i] == c'\t':
+            return True
+        q = <const unsigned char *>memchr(p + i, c':', le - i)
+        if q == NULL:
+            return True
+        colon = q - p
+        if _bad_token(p + i, colon - i):
+            return True  # RFC 9112 §5.1: nothing, not even whitespace, between name and colon
+        _trim(p + colon + 1, le - colon - 1, &s, &e)
+        s += colon + 1
+        e += colon + 1
+        for k in range(s, e):
+            if not _VALUE_OK[p[k]]:
+                return True  # RFC 9110 §5.5: CTLs (bare CR and LF included) and DEL
+        f = &fields[n]
+        f.name = p + i
+        f.name_len = colon - i
+        f.value = p + s
+        f.value_len = e - s
+        f.keep = False
+        n += 1
+        i = le + 2
+    count[0] = n
+    return False
+
+
+def parse_request(data, start, end, client_ip, proto, port, bint trust_xff, rid_prefix, rid_counter, authority,
+                  max_request_line, max_header_bytes, max_headers):
+    """See ``fastlb._core_py.parse_request``."""
+    cdef Py_ssize_t s, e, limit_line, limit_bytes, limit_fields
+    if not isinstance(data, bytes):
+        raise TypeError("data must be bytes")
+    _check_int(start, 0, PyBytes_GET_SIZE(data), &s)
+    _check_int(end, s, PyBytes_GET_SIZE(data), &e)
+    if not (isinstance(client_ip, bytes) and isinstance(proto, bytes) and isinstance(port, bytes)
+            and isinstance(rid_prefix, bytes) and isinstance(authority, bytes)):
+        raise TypeError("client_ip, proto, port, rid_prefix and authority must be bytes")
+    if not isinstance(rid_counter, int):
+        raise TypeError("rid_counter must be an int")
+    cdef unsigned long long counter = PyLong_AsUnsignedLongLong(rid_counter)  # OverflowError like the twin
+    _check_int(max_request_line, 0, MAX_LIMIT, &limit_line)
+    _check_int(max_header_bytes, 0, MAX_LIMIT, &limit_bytes)
+    _check_int(max_headers, 0, MAX_LIMIT, &limit_fields)
+
+    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(data)
+    cdef Py_ssize_t method_end = 0, target_start = 0, target_end = 0, line_start = 0, fields_start = 0
+    cdef Py_ssize_t count = 0
+    cdef int minor = 0, status
+    cdef long long length = 0
+    if e - s < 4 or memcmp(p + e - 4, b"\r\n\r\n", 4) != 0:
+        status = 400
+    else:
+        status = _request_line(p, s, limit_line, &method_end, &target_start, &target_end, &minor, &line_start,
+                               &fields_start)
+    if not status:
+        count = _count_crlf(p, fields_start, e) - 1
+        if e - fields_start > limit_bytes or count > limit_fields:
+            status = 431
+    if status:
+        return status, 0, b"", b"", None, _format_request_id(<bytes>rid_prefix, counter), 0, b""
+
+    cdef _Field stack_fields[STACK_FIELDS]
+    cdef _Field *fields = stack_fields
+    if count > STACK_FIELDS:
+        fields = <_Field *>malloc(count * sizeof(_Field))
+        if fields == NULL:
+            raise MemoryError()
+    try:
+        if _split_fields(p, fields_start, e, fields, &count):
+            return 400, 0, b"", b"", None, _format_request_id(<bytes>rid_prefix, counter), 0, b""
+        method = _method(p + line_start, method_end - line_start)
+        target = PyBytes_FromStringAndSize(<const char *>p + target_start, target_end - target_start)
+        status_, flags, host, request_id, head = _request(
+            p + line_start, method_end - line_start, p + target_start, target_end - target_start, fields, count,
+            True, <bytes>client_ip, <bytes>proto, <bytes>port, trust_xff, None, <bytes>rid_prefix, counter, minor,
+            <bytes>authority, &length)
+        if minor == 0:
+            flags |= C_HTTP10
+        return status_, flags, method, target, host, request_id, length, head
+    finally:
+        if fields != stack_fields:
+            free(fields)
+
+
+cdef bytes _method(const unsigned char *p, Py_ssize_t n):
+    # The common methods as the same objects every time: no allocation (issue 13).
+    if n == 3:
+        if memcmp(p, b"GET", 3) == 0:
+            return _GET
+        if memcmp(p, b"PUT", 3) == 0:
+            return _PUT
+    elif n == 4:
+        if memcmp(p, b"POST", 4) == 0:
+            return _POST
+        if memcmp(p, b"HEAD", 4) == 0:
+            return _HEAD
+    elif n == 5 and memcmp(p, b"PATCH", 5) == 0:
+        return _PATCH
+    elif n == 6 and memcmp(p, b"DELETE", 6) == 0:
+        return _DELETE
+    elif n == 7 and memcmp(p, b"OPTIONS", 7) == 0:
+        return _OPTIONS
+    return PyBytes_FromStringAndSize(<const char *>p, n)
+
+
+cdef inline bint _bodyless(const unsigned char *mp, Py_ssize_t ml) noexcept nogil:
+    # _core_py._BODYLESS: GET, HEAD, TRACE.
+    return ((ml == 3 and memcmp(mp, b"GET", 3) == 0) or (ml == 4 and memcmp(mp, b"HEAD", 4) == 0)
+            or (ml == 5 and memcmp(mp, b"TRACE", 5) == 0))
+
+
+cdef tuple _request(const unsigned char *mp, Py_ssize_t ml, const unsigned char *tp, Py_ssize_t tl,
+                    _Field *fields, Py_ssize_t count, bint checked, bytes client_ip, bytes proto, bytes port,
+                    bint trust_xff, object request_id, bytes rid_prefix, unsigned long long rid_counter, int minor,
+                    bytes authority, long long *length_out):
+    # _core_py._request: `checked` when the splitter already refused CTLs in the values; `request_id`
+    # None means format (rid_prefix, rid_counter) if the client sent none; `minor` -1 for request_head.
+    # Returns (status, flags, host, request_id, head) and the Content-Length in length_out.
+    cdef Py_ssize_t i, s, e
+    cdef bint bad = False, runs
     cdef int host_count = 0, cl_count = 0, te_count = 0
     cdef bint cl_ok = False, te_chunked = False, expect_seen = False, expect_bad = False
     cdef int options = 0, upgrade = 0, upgrade_count = 0
     cdef Py_ssize_t upgrade_len = 0, xff_len = 0
     cdef Py_ssize_t host_field = -1, rid_field = -1, rid_s = 0, rid_e = 0, host_s = 0, host_e = 0
+    cdef long long length = 0
     cdef unsigned char low[MAX_KNOWN_NAME]
     cdef _Field *f
     cdef Kind alias
     cdef int flags = 0, error = 0
+    cdef bint bodyless = _bodyless(mp, ml)
 
     # The parser already checked the request line; these two checks only keep a caller bug from turning
     # into header injection upstream (RFC 9112 §3: method = token, target without CTL or SP).
@@ -448,16 +788,12 @@ cdef tuple _request_head(bytes method, bytes target, list headers, Py_ssize_t co
 
     for i in range(count):
         f = &fields[i]
-        _field_at(headers, i, f)
-        if _name_check_lower(f, low, &underscore) or _bad_value(f.value, f.value_len):
+        if _name_check_lower(f, low, &runs) or (not checked and _bad_value(f.value, f.value_len)):
             bad = True
         f.kind = _classify(low, f.name_len) if f.name_len <= MAX_KNOWN_NAME else K_OTHER
-        if f.kind == K_OTHER and underscore and f.name_len <= MAX_KNOWN_NAME:
-            # CGI/WSGI-style environs fold "-" and "_" together: see _core_py for the rule.
-            for k in range(f.name_len):
-                if low[k] == c'_':
-                    low[k] = c'-'
-            alias = _classify(low, f.name_len)
+        if f.kind == K_OTHER and runs:
+            # Look-alikes of the names we interpret: see _core_py._alias for the rule.
+            alias = _alias_kind(f)
             if alias == K_HOST or alias == K_CONTENT_LENGTH or alias == K_TRANSFER_ENCODING:
                 bad = True
             elif alias == K_XFF or alias == K_XF_OTHER or alias == K_REQUEST_ID:
@@ -474,6 +810,8 @@ cdef tuple _request_head(bytes method, bytes target, list headers, Py_ssize_t co
         elif f.kind == K_CONTENT_LENGTH:
             cl_count += 1
             cl_ok = _valid_content_length(f.value, f.value_len)
+            if cl_ok:
+                length = _digits_value(f.value, f.value_len)
         elif f.kind == K_TRANSFER_ENCODING:
             te_count += 1
             # RFC 9112 §7: coding names are case-insensitive.
@@ -505,8 +843,16 @@ cdef tuple _request_head(bytes method, bytes target, list headers, Py_ssize_t co
                     rid_s = s
                     rid_e = e
 
+    if host_field >= 0 and not _valid_host(fields[host_field].value + host_s, host_e - host_s):
+        bad = True  # RFC 9112 §3.2, empty included (14.8): see _core_py._HOST_VALUE
+    if te_count and bodyless:
+        bad = True  # 14.9: refused rather than normalised, see _core_py._request
     if cl_count == 1 and cl_ok:
         flags |= C_CONTENT_LENGTH
+        if length and bodyless:
+            flags |= C_AMBIGUOUS
+    else:
+        length = 0
     if te_count == 1 and te_chunked:
         flags |= C_CHUNKED
     if expect_seen and not expect_bad:
@@ -519,12 +865,23 @@ cdef tuple _request_head(bytes method, bytes target, list headers, Py_ssize_t co
         flags |= C_CONN_KEEPALIVE
     if host_count:
         flags |= C_HAS_HOST
+    length_out[0] = length
 
-    # Precedence as in _core_py: framing (400) > transfer coding (501) > expectation (417).
+    # Precedence as in _core_py: framing (400) > transfer coding (501) > the request line's form and
+    # what depends on the version > expectation (417).
     if bad or host_count > 1 or cl_count > 1 or (cl_count and not cl_ok) or (cl_count and te_count):
         error = 400
     elif te_count and not (te_count == 1 and te_chunked):
         error = 501
+    elif minor >= 0 and ml == 7 and memcmp(mp, b"CONNECT", 7) == 0:
+        error = 405
+    elif minor >= 0 and tp[0] != c'/' and not (tl == 1 and tp[0] == c'*' and ml == 7
+                                                and memcmp(mp, b"OPTIONS", 7) == 0):
+        error = 400
+    elif minor == 0 and te_count:
+        error = 400  # RFC 9112 §6.1
+    elif minor == 1 and not host_count:
+        error = 400  # RFC 9112 §3.2
     elif expect_bad:
         error = 417
 
@@ -533,12 +890,17 @@ cdef tuple _request_head(bytes method, bytes target, list headers, Py_ssize_t co
         host = PyBytes_FromStringAndSize(<const char *>fields[host_field].value + host_s, host_e - host_s)
     if rid_field >= 0:
         request_id = PyBytes_FromStringAndSize(<const char *>fields[rid_field].value + rid_s, rid_e - rid_s)
+    elif request_id is None:
+        request_id = _format_request_id(rid_prefix, rid_counter)
     if error:
         return error, flags, host, request_id, b""
 
     # Size first, then one allocation and memcpy into it.
     cdef bint check_listed = (options & OPT_LISTS_FIELD) != 0
+    cdef bint add_host = minor == 0 and not host_count
     cdef Py_ssize_t size = ml + tl + 12  # method SP target " HTTP/1.1\r\n"
+    if add_host:
+        size += 6 + PyBytes_GET_SIZE(authority) + 2                 # Host: ...\r\n
     for i in range(count):
         f = &fields[i]
         if f.kind == K_HOST or f.kind == K_CONTENT_LENGTH:
@@ -566,6 +928,11 @@ cdef tuple _request_head(bytes method, bytes target, list headers, Py_ssize_t co
     w = _put(w, b" ", 1)
     w = _put(w, tp, tl)
     w = _put(w, b" HTTP/1.1\r\n", 11)
+    if add_host:
+        # We speak HTTP/1.1 upstream, which requires Host: name the authority the client reached.
+        w = _put(w, b"Host: ", 6)
+        w = _put(w, PyBytes_AS_STRING(authority), PyBytes_GET_SIZE(authority))
+        w = _put(w, b"\r\n", 2)
     for i in range(count):
         if fields[i].keep:
             w = _put_field(w, &fields[i])
@@ -633,27 +1000,87 @@ def response_head(status, reason, headers, bint head_request, bint chunk_ok, bin
     cdef Py_ssize_t count = PyList_GET_SIZE(headers)
     cdef _Field stack_fields[STACK_FIELDS]
     cdef _Field *fields = stack_fields
+    cdef long long length
     if count > STACK_FIELDS:
         fields = <_Field *>malloc(count * sizeof(_Field))
         if fields == NULL:
             raise MemoryError()
     try:
-        return _response_head(code, <bytes>reason, <list>headers, count, fields, head_request, chunk_ok,
-                              close)
+        _fields_from_list(<list>headers, count, fields)
+        error, flags, head = _response(code, <const unsigned char *>PyBytes_AS_STRING(reason),
+                                       PyBytes_GET_SIZE(reason), fields, count, False, head_request, chunk_ok,
+                                       close, &length)
+        return error, flags, head
     finally:
         if fields != stack_fields:
             free(fields)
 
 
-cdef tuple _response_head(long long status, bytes reason, list headers, Py_ssize_t count, _Field *fields,
-                          bint head_request, bint chunk_ok, bint close):
-    cdef const unsigned char *rp = <const unsigned char *>PyBytes_AS_STRING(reason)
-    cdef Py_ssize_t rl = PyBytes_GET_SIZE(reason)
+def parse_response(data, start, end, bint head_request, bint chunk_ok, bint close, max_header_bytes, max_headers):
+    """See ``fastlb._core_py.parse_response``."""
+    cdef Py_ssize_t s, e, limit_bytes, limit_fields, eol, n, i, count = 0
+    if not isinstance(data, bytes):
+        raise TypeError("data must be bytes")
+    _check_int(start, 0, PyBytes_GET_SIZE(data), &s)
+    _check_int(end, s, PyBytes_GET_SIZE(data), &e)
+    _check_int(max_header_bytes, 0, MAX_LIMIT, &limit_bytes)
+    _check_int(max_headers, 0, MAX_LIMIT, &limit_fields)
+    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(data)
+    cdef const unsigned char *line = p + s
+    if e - s < 4 or memcmp(p + e - 4, b"\r\n\r\n", 4) != 0 or e - s > limit_bytes:
+        return -1, 0, 0, b""
+    eol = s
+    while not (p[eol] == c'\r' and p[eol + 1] == c'\n'):
+        eol += 1
+    n = eol - s
+    # RFC 9112 §4: status-line = HTTP-version SP status-code SP [ reason-phrase ] (see the twin).
+    if n < 12 or line[8] != c' ' or (n > 12 and line[12] != c' '):
+        return -1, 0, 0, b""
+    if memcmp(line, b"HTTP/1.", 7) != 0 or not c'0' <= line[7] <= c'9':
+        return -1, 0, 0, b""
+    for i in range(9, 12):
+        if not c'0' <= line[i] <= c'9':
+            return -1, 0, 0, b""
+    for i in range(13, n):
+        if not _VALUE_OK[line[i]]:
+            return -1, 0, 0, b""
+    count = _count_crlf(p, eol + 2, e) - 1
+    if count > limit_fields:
+        return -1, 0, 0, b""
+    cdef long long code = (line[9] - c'0') * 100 + (line[10] - c'0') * 10 + (line[11] - c'0')
+    cdef long long length = 0
+    cdef _Field stack_fields[STACK_FIELDS]
+    cdef _Field *fields = stack_fields
+    if count > STACK_FIELDS:
+        fields = <_Field *>malloc(count * sizeof(_Field))
+        if fields == NULL:
+            raise MemoryError()
+    try:
+        if _split_fields(p, eol + 2, e, fields, &count):
+            return -1, 0, 0, b""
+        error, flags, head = _response(code, line + 13 if n > 13 else line, n - 13 if n > 13 else 0, fields,
+                                       count, True, head_request, chunk_ok, close, &length)
+        if line[7] == c'0':
+            flags |= C_HTTP10
+            if flags & C_CHUNKED:
+                error = 502  # RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0 is faulty framing
+        if error:
+            return -1, flags, 0, b""
+        return code, flags, length, head
+    finally:
+        if fields != stack_fields:
+            free(fields)
+
+
+cdef tuple _response(long long status, const unsigned char *rp, Py_ssize_t rl, _Field *fields, Py_ssize_t count,
+                     bint checked, bint head_request, bint chunk_ok, bint close, long long *length_out):
+    # _core_py._response. Returns (error, flags, head) and the Content-Length in length_out.
     cdef Py_ssize_t i, s, e
-    cdef bint underscore
+    cdef bint runs
     cdef int cl_count = 0, te_count = 0, upgrade_count = 0, options = 0, flags = 0
     cdef bint cl_ok = False, te_chunked = False
     cdef Py_ssize_t upgrade_len = 0
+    cdef long long length = 0
     cdef unsigned char low[MAX_KNOWN_NAME]
     cdef _Field *f
 
@@ -661,13 +1088,14 @@ cdef tuple _response_head(long long status, bytes reason, list headers, Py_ssize
     cdef bint bad = status < 100 or status > 999 or _bad_value(rp, rl)
     for i in range(count):
         f = &fields[i]
-        _field_at(headers, i, f)
-        if _name_check_lower(f, low, &underscore) or _bad_value(f.value, f.value_len):
+        if _name_check_lower(f, low, &runs) or (not checked and _bad_value(f.value, f.value_len)):
             bad = True
         f.kind = _response_kind(_classify(low, f.name_len)) if f.name_len <= MAX_KNOWN_NAME else K_OTHER
         if f.kind == K_CONTENT_LENGTH:
             cl_count += 1
             cl_ok = _valid_content_length(f.value, f.value_len)
+            if cl_ok:
+                length = _digits_value(f.value, f.value_len)
         elif f.kind == K_TRANSFER_ENCODING:
             te_count += 1
             te_chunked = _ieq_trimmed(f.value, f.value_len, b"chunked", 7)
@@ -681,6 +1109,9 @@ cdef tuple _response_head(long long status, bytes reason, list headers, Py_ssize
 
     if cl_count == 1 and cl_ok:
         flags |= C_CONTENT_LENGTH
+    else:
+        length = 0
+    length_out[0] = length
     if te_count == 1 and te_chunked:
         flags |= C_CHUNKED
     if options & OPT_CLOSE:

@@ -32,24 +32,25 @@ if os.environ.get("FASTLB_NO_EXTENSIONS") == "1":
     EXTENSION = False
 else:
     from fastlb._core import (  # type: ignore[no-redef]
+        F_AMBIGUOUS,
         F_CHUNKED,
         F_CONN_CLOSE,
         F_CONN_KEEPALIVE,
         F_CONTENT_LENGTH,
         F_EXPECT_CONTINUE,
         F_HAS_HOST,
+        F_HTTP10,
         F_NO_BODY,
         F_UNTIL_CLOSE,
         F_UPGRADE,
         hash64,
         maglev_lookup,
         maglev_table,
+        parse_request,
+        parse_response,
         request_head,
         response_head,
     )
-
-    # Until the compiled parse_request/parse_response land: the twin's, with the same flag values.
-    from fastlb._core_py import F_AMBIGUOUS, F_HTTP10, parse_request, parse_response
 
     EXTENSION = True
 

@@ -29,6 +29,8 @@ FLAG_NAMES = [
     "F_HAS_HOST",
     "F_NO_BODY",
     "F_UNTIL_CLOSE",
+    "F_HTTP10",
+    "F_AMBIGUOUS",
 ]
 P = _core_py  # flag constants, for readability
 CLIENT_IP = b"203.0.113.7"
@@ -81,7 +83,7 @@ def h11_request(head):
 def test_flag_constants_are_identical_distinct_bits(core):
     values = [getattr(core, name) for name in FLAG_NAMES]
     assert values == [getattr(_core_py, name) for name in FLAG_NAMES]
-    assert values == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    assert values == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
 
 
 def test_extension_loaded_unless_disabled():
@@ -92,7 +94,8 @@ def test_extension_loaded_unless_disabled():
     else:
         compiled = importlib.import_module("fastlb._core")
         assert core.EXTENSION is True, "the Cython extension was expected but fastlb.core did not load it"
-        for name in ("request_head", "response_head", "hash64", "maglev_table", "maglev_lookup"):
+        for name in ("request_head", "response_head", "parse_request", "parse_response", "hash64", "maglev_table",
+                     "maglev_lookup"):
             assert getattr(core, name) is getattr(compiled, name)
         assert compiled.__file__.endswith((".so", ".pyd"))
     for name in FLAG_NAMES:
