@@ -103,14 +103,25 @@ def test_errors_retries_and_bad_requests_are_counted(backends, fastlb):
     assert total(m, "fastlb_bad_requests_total", status="400") == 1
 
 
-def test_404_is_counted_under_no_route(fastlb, tmp_path, backends):
+@pytest.mark.parametrize("default_backend", [False, True])
+def test_requests_are_counted_under_real_routes_only(fastlb, tmp_path, backends, default_backend):
+    """A series per configured route with its backend, route "default" only when there is a
+    default_backend, and route "-" (no route matched: the 404s)."""
     (b1,) = backends("b1")
     cfg = tmp_path / "r.toml"
-    cfg.write_text(f'[[routes]]\nhost = "a.example"\nbackend = "a"\n[backends.a]\nservers = ["{b1.address}"]\n')
+    top = 'default_backend = "a"\n' if default_backend else ""
+    cfg.write_text(top + f'[[routes]]\nhost = "a.example"\nbackend = "a"\n'
+                         f'[backends.a]\nservers = ["{b1.address}"]\n')
     lb = fastlb(args=["--config", str(cfg)])
-    assert get(lb.port) == 404
+    assert get(lb.port) == (200 if default_backend else 404)
     m = scrape(lb)
-    assert total(m, "fastlb_requests_total", route="-", backend="-", code_class="4xx") == 1
+    pairs = {(dict(ls)["route"], dict(ls)["backend"]) for (n, ls) in m if n == "fastlb_requests_total"}
+    if default_backend:
+        assert pairs == {("a.example/", "a"), ("default", "a"), ("-", "-")}
+        assert total(m, "fastlb_requests_total", route="default", backend="a", code_class="2xx") == 1
+    else:
+        assert pairs == {("a.example/", "a"), ("-", "-")}
+        assert total(m, "fastlb_requests_total", route="-", backend="-", code_class="4xx") == 1
 
 
 def test_tls_handshakes_errors_and_certificate_expiry(backends, fastlb, pems):

@@ -127,14 +127,16 @@ class Layout:
 
 def route_names(cfg) -> list[str]:
     names = [f"{r.host or '*'}{r.path}" for r in cfg.routes]
-    return names + ["default", "-"]  # "-": no route matched (404)
+    if cfg.default_backend:
+        names.append("default")  # the router's Route("default") exists only with a default_backend
+    return names + ["-"]  # "-": no route matched (404)
 
 
 def route_backend(cfg, route: str) -> str:
     for r in cfg.routes:
         if f"{r.host or '*'}{r.path}" == route:
             return r.backend
-    if route == "default" and cfg.default_backend:
+    if route == "default":
         return cfg.default_backend
     return "-"
 
