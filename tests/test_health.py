@@ -59,7 +59,8 @@ rise = 2
         assert time.monotonic() - changed < 1.0, "still sending traffic to the 503 server"
     down_after = time.monotonic() - changed
     assert backends_seen() == {"b1"}  # on every worker
-    assert "health: b/" + b2.address + " is DOWN (status 503)" in lb.wait_for("is DOWN")
+    down = lb.wait_for("is DOWN")
+    assert " WARNING health: b/" + b2.address + " is DOWN (status 503)" in down
     server = admin_status(lb)["backends"]["b"]["servers"][1]
     assert server["up"] is False and server["last_check"] == "status 503"
     b2.set_health(200)
@@ -67,7 +68,7 @@ rise = 2
     while "b2" not in backends_seen(10):
         assert time.monotonic() - changed < 1.0, "recovered server gets no traffic"
     up_after = time.monotonic() - changed
-    lb.wait_for("is UP (status 200)")
+    assert " INFO health: b/" + b2.address + " is UP (status 200)" in lb.wait_for("is UP (status 200)")
     print(f"\nfailover: traffic left the 503 server after {down_after:.2f} s, came back {up_after:.2f} s "
           "after recovery (interval 200 ms, fall 2, rise 2)")
 

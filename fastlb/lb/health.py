@@ -6,6 +6,7 @@ memory that every worker reads when it picks a server, and each change is logged
 """
 
 import asyncio
+import logging
 import time
 
 from fastlb.lb.backend import DOWN, UP
@@ -69,8 +70,9 @@ class HealthChecker:
         check.up = ok
         check.streak = 0
         self.states[check.gid] = UP if ok else DOWN
-        self.log.warning("health: %s/%s is %s (%s)", check.backend, check.name,
-                         "UP" if ok else "DOWN", result)
+        # Coming back is good news (INFO); going down is what an operator must see (WARNING).
+        self.log.log(logging.INFO if ok else logging.WARNING, "health: %s/%s is %s (%s)",
+                     check.backend, check.name, "UP" if ok else "DOWN", result)
 
     async def _probe(self, check: ServerCheck) -> tuple[bool, str]:
         reader, writer = await asyncio.open_connection(check.host, check.port)
