@@ -1,11 +1,18 @@
-"""The README documents every setting and every metric (DESIGN.md: "the README lists them all")."""
+"""The README and docs/ document what the code does (DESIGN.md: "the README lists them all"), and the
+generated documents match their generator."""
 
+import re
+import tomllib
 from pathlib import Path
 
+import pytest
+
+from fastlb import config, reference
 from fastlb.config import ENV_KEYS
 from fastlb.obs.metrics import HELP
 
-README = (Path(__file__).parent.parent / "README.md").read_text()
+ROOT = Path(__file__).parent.parent
+README = (ROOT / "README.md").read_text()
 
 
 def test_every_environment_variable_is_in_the_readme():
@@ -14,3 +21,56 @@ def test_every_environment_variable_is_in_the_readme():
 
 def test_every_metric_family_is_in_the_readme():
     assert [family for family in HELP if family not in README] == []
+
+
+@pytest.mark.parametrize("name", sorted(reference.GENERATED))
+def test_generated_documents_match_the_code(name):
+    committed = (ROOT / "docs" / name).read_text()
+    assert committed == reference.GENERATED[name](), f"docs/{name} is out of date: run python -m fastlb.reference"
+
+
+def _anchors(markdown: str) -> set[str]:
+    # GitHub's heading ids: lower case, punctuation dropped, spaces to hyphens.
+    headings = re.findall(r"^#+ (.+)$", markdown, re.M)
+    return {re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-") for h in headings}
+
+
+@pytest.mark.parametrize("document", ["README.md", "docs/architecture.md", "docs/configuration.md"])
+def test_links_resolve_inside_the_repository(document):
+    text = (ROOT / document).read_text()
+    for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", text):
+        if target.startswith(("http://", "https://")):
+            continue
+        path = (ROOT / document).parent / target if target else ROOT / document
+        assert path.resolve().is_relative_to(ROOT.resolve()) and path.is_file(), (document, target)
+        if anchor:
+            assert anchor in _anchors(path.read_text()), (document, target, anchor)
+    assert "DESIGN.md" not in text  # not in this repository
+
+
+def test_install_commands_work_from_a_clone():
+    # fastlb is not published: an install by name would fetch another project or nothing.
+    assert re.findall(r"pip install (?:-U )?'?fastlb", README) == []
+
+
+def test_license_is_the_apache_text_pyproject_names():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == {"text": "Apache-2.0"}
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License\n                           Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text
+
+
+@pytest.mark.parametrize("block", re.findall(r"```toml\n(.*?)```", README, re.S), ids=lambda b: b.split("\n")[0])
+def test_every_toml_example_in_the_readme_loads(block, tmp_path):
+    for name in re.findall(r'"([\w.-]+\.(?:pem|key))"', block):
+        (tmp_path / name).write_text("certificate files are only opened by the loader\n")
+    path = tmp_path / "example.toml"
+    path.write_text(block)
+    config.load(str(path), {})
+
+
+def test_the_readme_shows_tls_in_toml():
+    blocks = "\n".join(re.findall(r"```toml\n(.*?)```", README, re.S))
+    for needle in ("tls = true", "[[tls.certificates]]", "redirect_to_https = true", "SNI"):
+        assert needle in blocks, needle
