@@ -90,6 +90,8 @@ def test_ingress_routes_through_the_server(backends, fastlb, tmp_path):
      "[0].spec.rules[0].http.paths[0].backend.service.name", "service 'nope' is not in [services]"),
     (("service: {{name: web, port: {{number: 80}}}}\n  rules", "resource: {{kind: Bucket}}\n  rules"),
      "[0].spec.defaultBackend.resource", "unsupported field"),
+    (("pathType: Exact", "pathtype: Exact"), "[0].spec.rules[0].http.paths[1].pathtype",
+     "unsupported field (did you mean 'pathType'?)"),
 ])
 def test_unsupported_or_wrong_fields_are_named(tmp_path, mutation, key, reason):
     manifest = tmp_path / "bad.yaml"

@@ -19,6 +19,7 @@ is treated as Prefix.  Nothing is ignored without a word:
 """
 
 import dataclasses
+import difflib
 import logging
 import os
 
@@ -96,7 +97,9 @@ class _Reader:
             raise self.fail(key, f"expected a mapping, got {type(value).__name__}")
         for name in value:
             if allowed is not None and name not in allowed:
-                raise self.fail(f"{key}.{name}", "unsupported field")
+                close = difflib.get_close_matches(str(name), sorted(allowed), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise self.fail(f"{key}.{name}", "unsupported field" + hint)
         return value
 
     def ingress(self, doc):
