@@ -129,7 +129,7 @@ def _serve(args, config) -> int:
     if args.demo:
         from fastlb import demo
 
-        settings, fingerprint = demo.cli_settings()
+        settings, fingerprint = demo.cli_settings(cli)
         cli = {**settings, **cli}
         log.info("demo mode: built-in backends on %s", ", ".join(str(a) for _, a in demo.DEMO_SERVERS))
 

@@ -162,15 +162,16 @@ def test_serve_with_a_bad_config_exits_1_with_one_line(tmp_path):
 
 
 def test_demo_serves_out_of_the_box(tmp_path):
-    port = 8080
-    try:
-        wait_port(port, timeout=0.1)
-        pytest.fail("port 8080 is taken; the demo needs it")
-    except TimeoutError:
-        pass
+    # Every address the demo would take by default (8080, 8443, 18101-18103) moved to free ports
+    # through the environment, so the test runs while a demo, or anything else, holds those.
+    port = free_port()
+    demo_backends = [f"127.0.0.1:{free_port()}" for _ in range(3)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("FASTLB_") or k == "FASTLB_NO_EXTENSIONS"}
     env["FASTLB_SERVER_PID_FILE"] = str(tmp_path / "demo.pid")
     env["FASTLB_ADMIN_LISTEN"] = f"127.0.0.1:{free_port()}"
+    env["FASTLB_LISTEN"] = f"127.0.0.1:{port}"
+    env["FASTLB_TLS_LISTEN"] = f"127.0.0.1:{free_port()}"
+    env["FASTLB_BACKENDS"] = ",".join(demo_backends)
     env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
     proc = subprocess.Popen([sys.executable, "-m", "fastlb", "serve", "--demo"], env=env,
                             stderr=subprocess.PIPE, text=True)
@@ -180,9 +181,15 @@ def test_demo_serves_out_of_the_box(tmp_path):
         while not any("stop with Ctrl-C" in line for line in lines):
             assert time.monotonic() < deadline, "\n".join(lines)
             lines.append(proc.stderr.readline())
-        assert any("curl" in line for line in lines)
-        names = {get(port)[1].split(b":")[0] for _ in range(6)}
-        assert names == {b"hello from demo-1", b"hello from demo-2", b"hello from demo-3"}
+        assert any(f"curl -s http://127.0.0.1:{port}/" in line for line in lines), lines
+        answers = [get(port)[1].decode() for _ in range(6)]
+        assert {a.split(":")[0] for a in answers} == {"hello from demo-1", "hello from demo-2", "hello from demo-3"}
+        # The demo shows every X-Forwarded-* header fastlb sets.
+        assert f"  X-Forwarded-Port: {port}\n" in answers[0], answers[0]
+        assert f"  X-Forwarded-Host: 127.0.0.1:{port}\n" in answers[0], answers[0]
+        assert "  X-Forwarded-Proto: http\n" in answers[0], answers[0]
+        # The built-in backends serve on the addresses given.
+        assert get(int(demo_backends[0].rsplit(":", 1)[1]))[1].startswith(b"hello from demo-1:")
         procs = psutil.Process(proc.pid).children(recursive=True)
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         assert proc.wait(10) == 0

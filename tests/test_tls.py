@@ -697,28 +697,16 @@ def test_unreadable_key_is_a_startup_error(tmp_path, pems, backends):
 # 11. The demo
 
 
-DEMO_PORTS = [8080, 8443, 18101, 18102, 18103]
 FINGERPRINT = re.compile(r"SHA-256 fingerprint ((?:[0-9A-F]{2}:){31}[0-9A-F]{2})")
 
 
-def _demo_ports_free():
-    taken = []
-    for port in DEMO_PORTS:
-        with socket.socket() as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError as exc:
-                taken.append(f"127.0.0.1:{port} ({exc.strerror})")
-    if taken:
-        pytest.fail("the demo uses fixed ports, and these are taken: " + ", ".join(taken), pytrace=False)
-
-
 def test_demo_serves_https_with_a_reused_self_signed_certificate(fastlb, tmp_path):
-    _demo_ports_free()
+    # Free ports for every address the demo would take by default (8443, 8080, 18101-18103).
+    tls_port = free_port()
     env = {
         "XDG_CACHE_HOME": str(tmp_path / "cache"),
-        "FASTLB_LISTEN": "127.0.0.1:8080",
+        "FASTLB_TLS_LISTEN": f"127.0.0.1:{tls_port}",
+        "FASTLB_BACKENDS": ",".join(f"127.0.0.1:{free_port()}" for _ in range(3)),
         "FASTLB_ADMIN_LISTEN": f"127.0.0.1:{free_port()}",
         "FASTLB_SERVER_PID_FILE": str(tmp_path / "demo.pid"),
     }
@@ -731,7 +719,7 @@ def test_demo_serves_https_with_a_reused_self_signed_certificate(fastlb, tmp_pat
             mtime = cert_file.stat().st_mtime_ns
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.load_verify_locations(cert_file)  # trusts exactly the demo certificate (IP SAN 127.0.0.1)
-        conn = http.client.HTTPSConnection("127.0.0.1", 8443, timeout=5, context=context)
+        conn = http.client.HTTPSConnection("127.0.0.1", tls_port, timeout=5, context=context)
         names = set()
         for _ in range(3):  # one keep-alive connection: one worker's round robin over the three
             conn.request("GET", "/")
@@ -742,6 +730,7 @@ def test_demo_serves_https_with_a_reused_self_signed_certificate(fastlb, tmp_pat
             assert match, text
             names.add(match.group(1))
             assert "X-Forwarded-Proto: https" in text, text
+            assert f"X-Forwarded-Port: {tls_port}\n" in text, text
         assert fingerprint(conn.sock.getpeercert(binary_form=True)) == printed[run]
         conn.close()
         assert names == {"demo-1", "demo-2", "demo-3"}
