@@ -464,7 +464,8 @@ class _Ciphers(_Str):
 
 
 class _Cidrs(_Kind):
-    label = "comma-separated CIDRs"
+    label = "comma-separated CIDRs"  # as a variable has it; the reference shows toml_label
+    toml_label = "list of CIDRs"
 
     def parse(self, value: object, key: str, ctx: _Ctx) -> tuple[str, ...]:
         if isinstance(value, _Text):
@@ -804,7 +805,12 @@ class ServerSection:
     graceful_timeout: float = _setting(
         30.0, _Duration(), "how long stopping workers may finish requests", env=("FASTLB_GRACEFUL_TIMEOUT",)
     )
-    pid_file: str = _setting("", _Path(), 'file the master writes its pid to; "" = none')
+    pid_file: str = _setting(
+        "",
+        _Path(),
+        'file the master writes and locks its pid in; "" = /run/fastlb.pid as root, else '
+        "$XDG_RUNTIME_DIR/fastlb.pid or /tmp/fastlb-UID.pid",
+    )
     user: str = _setting("", _Str(), 'user to switch to after binding; "" = stay')
     group: str = _setting("", _Str(), 'group to switch to after binding; "" = stay')
     trusted_proxies: tuple[str, ...] = _setting((), _Cidrs(), "peers whose X-Forwarded-For is kept")

@@ -45,7 +45,7 @@ def _type(kind: _Kind) -> str:
         return f"list of {_type(kind.item)}"
     if isinstance(kind, _Server):
         return "host:port or { address, weight }"
-    return kind.label
+    return getattr(kind, "toml_label", kind.label)
 
 
 def _default(f: dataclasses.Field[Any]) -> str:
