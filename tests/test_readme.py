@@ -1,5 +1,5 @@
-"""The README and docs/ document what the code does (DESIGN.md: "the README lists them all"), and the
-generated documents match their generator."""
+"""The README and docs/ document what the code does (the README lists every variable and metric), and
+the generated documents match their generator."""
 
 import re
 import tomllib
