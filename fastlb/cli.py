@@ -70,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
                            description="Run the load balancer in the foreground until stopped.")
     serve.add_argument("--config", "-c", metavar="FILE", help="TOML config file [env FASTLB_CONFIG]")
     serve.add_argument("--demo", action="store_true",
-                       help="serve 127.0.0.1:8080 and (TLS, self-signed) :8443 in front of three built-in backends")
+                       help="serve 127.0.0.1:8080 and (TLS, self-signed) :8443 in front of three built-in "
+                       "backends on 127.0.0.1:18101-18103; --listen, --tls-listen and --backends move them")
     serve.add_argument("--ingress", action="append", default=[], metavar="FILE",
                        help="Kubernetes Ingress manifest to route from (repeatable; needs PyYAML)")
     for flag, env, helptext in _SERVE_FLAGS:
