@@ -105,18 +105,44 @@ def test_unsupported_or_wrong_fields_are_named(tmp_path, mutation, key, reason):
     assert out.returncode == 1 and key in out.stderr and out.stderr.count("\n") == 1
 
 
-def test_tls_secret_becomes_a_certificate(tmp_path):
+def _secret(tmp_path, *names):
+    """A mounted kubernetes.io/tls Secret: <dir>/shop-tls/tls.crt and tls.key for names; its CA."""
+    import trustme
+
+    ca = trustme.CA()
     secret = tmp_path / "shop-tls"
-    secret.mkdir()
-    (secret / "tls.crt").write_text("x")
-    (secret / "tls.key").write_text("x")
+    secret.mkdir(exist_ok=True)
+    leaf = ca.issue_cert(*names)
+    leaf.cert_chain_pems[0].write_to_path(str(secret / "tls.crt"))
+    leaf.private_key_pem.write_to_path(str(secret / "tls.key"))
+    return secret, ca
+
+
+def _with_tls(hosts: str) -> str:
+    return MANIFEST.format().replace(
+        "  ingressClassName: fastlb", f"  ingressClassName: fastlb\n  tls:\n  - hosts: {hosts}\n"
+        "    secretName: shop-tls")
+
+
+def test_tls_secret_becomes_a_certificate(tmp_path):
+    secret, _ = _secret(tmp_path, "shop.example.com", "*.shop.example.com")
     manifest = tmp_path / "tls.yaml"
-    manifest.write_text(MANIFEST.format().replace(
-        "  ingressClassName: fastlb", "  ingressClassName: fastlb\n  tls:\n  - hosts: [shop.example.com]\n"
-        "    secretName: shop-tls"))
+    manifest.write_text(_with_tls("[shop.example.com, a.shop.example.com]"))
     cfg = config.load(str(_services_config(tmp_path, "127.0.0.1:1", "127.0.0.1:2")), {}, {})
     out = ingress.apply(cfg, [str(manifest)])
     assert [(c.cert, c.key) for c in out.tls.certificates] == [(str(secret / "tls.crt"), str(secret / "tls.key"))]
+
+
+def test_tls_hosts_the_certificate_does_not_name_are_refused(tmp_path):
+    # fastlb picks a certificate by its subjectAltName: a listed host it does not name would get another.
+    _secret(tmp_path, "shop.example.com", "*.shop.example.com")
+    manifest = tmp_path / "tls.yaml"
+    manifest.write_text(_with_tls("[shop.example.com, a.b.shop.example.com]"))
+    cfg = config.load(str(_services_config(tmp_path, "127.0.0.1:1", "127.0.0.1:2")), {}, {})
+    with pytest.raises(config.ConfigError) as err:
+        ingress.apply(cfg, [str(manifest)])
+    assert err.value.key == "[0].spec.tls[0].hosts[1]"
+    assert err.value.reason.startswith("'a.b.shop.example.com' is not a name of the secret's certificate")
 
 
 def _check(cfg, *manifests):
@@ -128,23 +154,14 @@ def _check(cfg, *manifests):
 def test_tls_listener_whose_only_certificate_comes_from_the_ingress(backends, fastlb, tmp_path):
     import ssl
 
-    import trustme
-
-    ca = trustme.CA()
-    secret = tmp_path / "shop-tls"
-    secret.mkdir()
-    leaf = ca.issue_cert("shop.example.com")
-    leaf.cert_chain_pems[0].write_to_path(str(secret / "tls.crt"))
-    leaf.private_key_pem.write_to_path(str(secret / "tls.key"))
+    _, ca = _secret(tmp_path, "shop.example.com")
     api, web = backends("api", "web")
     port = free_port()
     cfg = _services_config(tmp_path, api.address, web.address)
     cfg.write_text(cfg.read_text().replace(
         "[services]", f'[[listeners]]\naddress = "127.0.0.1:{port}"\ntls = true\n\n[services]'))
     manifest = tmp_path / "tls.yaml"
-    manifest.write_text(MANIFEST.format().replace(
-        "  ingressClassName: fastlb", "  ingressClassName: fastlb\n  tls:\n  - hosts: [shop.example.com]\n"
-        "    secretName: shop-tls"))
+    manifest.write_text(_with_tls("[shop.example.com]"))
 
     out = _check(cfg, manifest)
     assert out.returncode == 0, out.stderr

@@ -13,6 +13,8 @@ is treated as Prefix.  Nothing is ignored without a word:
 - any other annotation (kubectl's `last-applied-configuration`, cert-manager's, external-dns's: the
   bookkeeping every real manifest carries) is logged as ignored, one warning each, since refusing them
   would refuse almost every manifest in use;
+- a `tls[].hosts` entry the secret's certificate does not name is an error: certificates are picked by
+  their subjectAltName, so that host would be served another one;
 - `service.port` is logged as ignored once per service and port: the servers, and so their ports, come
   from `[services]`; a Service port is usually not the endpoints' port (80 in front of 8080), so it cannot
   be checked against them either.
@@ -24,6 +26,7 @@ import logging
 import os
 
 from fastlb.config import BackendSpec, CertSpec, ConfigError, RouteSpec, ServerSpec
+from fastlb.net import certs as certificates
 
 _PATH_TYPES = {"Exact": "exact", "Prefix": "prefix", "ImplementationSpecific": "prefix"}
 _SPEC_FIELDS = {"rules", "defaultBackend", "tls", "ingressClassName"}
@@ -146,8 +149,29 @@ class _Reader:
             for name, file in (("tls.crt", cert), ("tls.key", key_file)):
                 if not os.access(file, os.R_OK):
                     raise self.fail(f"{key}.secretName", f"cannot read {name} of secret {secret!r} at {file}")
+            self.hosts_covered(entry.get("hosts") or [], cert, key)
             certs.append(CertSpec(cert=cert, key=key_file))
         return routes, default, certs
+
+    def hosts_covered(self, hosts, cert: str, key: str) -> None:
+        """Each of `tls[].hosts` must be a name of the secret's certificate. fastlb picks a certificate
+        by the names in its subjectAltName, not by `hosts`, so a host the certificate does not name
+        would be served another certificate: refused rather than ignored."""
+        if not isinstance(hosts, list):
+            raise self.fail(f"{key}.hosts", f"expected a list, got {type(hosts).__name__}")
+        if not hosts:
+            return
+        try:
+            names = certificates.certificate_dns_names(certificates.load_certificate_chain(cert)[0])
+        except certificates.CertificateFileError as exc:
+            raise self.fail(f"{key}.secretName", str(exc)) from None
+        for h, host in enumerate(hosts):
+            name = str(host).lower().rstrip(".")
+            parent = name.partition(".")[2]
+            # RFC 6125 section 6.4.3: a wildcard covers exactly one, leftmost, label.
+            if name not in names and not (parent and f"*.{parent}" in names):
+                raise self.fail(f"{key}.hosts[{h}]", f"{name!r} is not a name of the secret's certificate "
+                                f"({', '.join(names) or 'no subjectAltName'}): that host would get another one")
 
     def annotations(self, metadata: dict) -> None:
         annotations = self.table(metadata.get("annotations") or {}, ".metadata.annotations", None)
