@@ -195,11 +195,17 @@ def test_annotations_and_service_ports_are_never_ignored_silently(tmp_path):
     lines = out.stderr.splitlines()
     for name in ("kubectl.kubernetes.io/last-applied-configuration", "cert-manager.io/cluster-issuer"):
         assert f"{manifest}: [0].metadata.annotations[{name!r}]: ignored: fastlb reads no annotations" in lines
+    assert not any("ingressClassName" in line for line in lines)  # fastlb's own class: nothing to say
     # service.port: once per service and port (api 8080, web 80, api http), where it is first used.
     ports = [line for line in lines if ".service.port: ignored:" in line]
     assert len(ports) == 3, out.stderr
     assert (f"{manifest}: [0].spec.rules[0].http.paths[1].backend.service.port: ignored: the servers of "
             "service 'web', ports included, come from [services].web") in ports
+
+    manifest.write_text(MANIFEST.format().replace("ingressClassName: fastlb", "ingressClassName: nginx"))
+    out = _check(cfg, manifest)
+    assert out.returncode == 0 and (f"{manifest}: [0].spec.ingressClassName: 'nginx' is not 'fastlb': served "
+                                    "anyway, as --ingress names it") in out.stderr.splitlines()
 
     for annotation in ("nginx.ingress.kubernetes.io/rewrite-target: /$2",
                        "traefik.ingress.kubernetes.io/router.middlewares: auth@file"):

@@ -15,6 +15,7 @@ is treated as Prefix.  Nothing is ignored without a word:
   would refuse almost every manifest in use;
 - a `tls[].hosts` entry the secret's certificate does not name is an error: certificates are picked by
   their subjectAltName, so that host would be served another one;
+- an `ingressClassName` other than `fastlb` is logged: `--ingress` chose the manifest, so it is served;
 - `service.port` is logged as ignored once per service and port: the servers, and so their ports, come
   from `[services]`; a Service port is usually not the endpoints' port (80 in front of 8080), so it cannot
   be checked against them either.
@@ -113,6 +114,10 @@ class _Reader:
         # never changes how it routes.
         self.annotations(self.table(doc.get("metadata") or {}, ".metadata", None))
         spec = self.table(doc.get("spec") or {}, ".spec", _SPEC_FIELDS)
+        ingress_class = spec.get("ingressClassName")
+        if ingress_class not in (None, "fastlb"):
+            # In a cluster the class picks the controller; here the --ingress flag already chose.
+            self.warn(".spec.ingressClassName", f"{ingress_class!r} is not 'fastlb': served anyway, as --ingress names it")
         routes = []
         for r, rule in enumerate(spec.get("rules") or []):
             key = f".spec.rules[{r}]"
