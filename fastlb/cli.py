@@ -1,9 +1,12 @@
 """Command line: `fastlb serve | check | reload | stop | version`."""
 
 import argparse
+import fcntl
+import json
 import os
 import signal
 import sys
+import time
 
 from fastlb import __version__
 from fastlb.obs import errorlog
@@ -76,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="Kubernetes Ingress manifest to route from (repeatable; needs PyYAML)")
     for flag, env, helptext in _SERVE_FLAGS:
         serve.add_argument(flag, dest=env, metavar=_METAVARS.get(env, "HOST:PORT"), help=f"{helptext} [env {env}]")
+    serve.add_argument("--allow-shared-ports", action="store_true",
+                       help="start even where another process listens on a listener's port, sharing its "
+                       "connections through SO_REUSEPORT (refused by default)")
     check = sub.add_parser("check", help="validate a config file without serving", epilog=_CHECK_EPILOG,
                            formatter_class=raw,
                            description="Validate a config file (and Ingress manifests), as serve would load it.")
@@ -146,7 +152,7 @@ def _serve(args, config) -> int:
     from fastlb.process.master import Master
 
     try:
-        return Master(cfg, load, demo=fingerprint, log=log).run()
+        return Master(cfg, load, demo=fingerprint, log=log, allow_shared_ports=args.allow_shared_ports).run()
     except config.ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -156,6 +162,8 @@ def _serve(args, config) -> int:
 
 
 def _signal_master(args, signum: int) -> int:
+    """Signal the master named by the pid file; for a reload, wait for its outcome: exit 0 once the
+    new generation serves, 1 with the master's reason when the old one had to stay."""
     from fastlb import config
     from fastlb.process.master import default_pid_file
 
@@ -168,10 +176,55 @@ def _signal_master(args, signum: int) -> int:
             return 1
         path = cfg.server.pid_file or default_pid_file()
     try:
-        with open(path) as f:
-            pid = int(f.read().strip())
+        pid = _running_master(path)
+        sent = time.monotonic()
         os.kill(pid, signum)
     except (OSError, ValueError) as exc:
         print(f"fastlb: cannot signal the master from {path}: {exc}", file=sys.stderr)
         return 1
-    return 0
+    if signum != signal.SIGHUP:
+        return 0
+    return _wait_for_reload(path, pid, sent)
+
+
+def _running_master(path: str) -> int:
+    """The pid in path, if a master holds the file's lock: a pid file nobody locks is stale, and its
+    pid may since have been given to another process."""
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return int(f.read().strip())
+        stale = f.read().strip()
+    raise ValueError(f"no running master holds its lock (the file is stale: pid {stale} is not signalled)")
+
+
+def _wait_for_reload(path: str, pid: int, sent: float) -> int:
+    from fastlb.process.master import BOOT_TIMEOUT, reload_status_file
+
+    status_file = reload_status_file(path)
+    # The master may first finish a reload started before ours, then run ours: up to two boots.
+    deadline = sent + 2 * BOOT_TIMEOUT + 10
+    while time.monotonic() < deadline:
+        try:
+            with open(status_file) as f:
+                status = json.load(f)
+        except (OSError, ValueError):
+            status = {}
+        # Written by this master, for a reload that began after our signal (CLOCK_MONOTONIC is
+        # system-wide, so the master's clock and ours compare).
+        if status.get("pid") == pid and status.get("started", 0) >= sent:
+            if status.get("result") == "success":
+                print(f"reloaded: {status.get('reason', '')}")
+                return 0
+            print(f"fastlb: reload failed, the master keeps the running config: {status.get('reason')}",
+                  file=sys.stderr)
+            return 1
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            print(f"fastlb: the master {pid} exited during the reload", file=sys.stderr)
+            return 1
+        time.sleep(0.05)
+    print(f"fastlb: no answer from the master {pid} in {status_file}", file=sys.stderr)
+    return 1

@@ -139,9 +139,12 @@ servers = ["{ws_backend}"]
     assert ws.recv(timeout=5) == "before"
     with Load(lb.port, tls_port, pems.ca) as load:
         time.sleep(0.5)
-        for _ in range(10):
+        for generation in range(1, 11):
+            # A reload now ends when the new generation is ready; SIGHUPs sent while one is under way
+            # are folded into one more reload, so wait for each to count ten.
             lb.proc.send_signal(signal.SIGHUP)
-            time.sleep(1.0)
+            lb.wait_for(f"reloaded: generation {generation}")
+            time.sleep(0.5)
     assert lb.output.count("reloaded: generation") == 10
     total = sum(load.outcomes.values())
     assert total > 200

@@ -5,9 +5,23 @@ loop through a self-pipe; the loop dispatches to `handle_<signal>()`, reaps chil
 ones with back-off and kills workers whose heartbeat in shared memory went stale.  A child that fails
 while booting exits with BOOT_ERROR, and the master then stops everything and exits non-zero with the
 child's reason instead of respawning it forever.
+
+A reload (SIGHUP) moves from one generation (a config, its TLS contexts and sockets, the children
+forked with them) to the next:
+
+1. Re-read the config and build the new contexts and sockets; an error ends the reload here.
+2. Fork the new generation (workers and control) next to the running one, which keeps serving.
+3. Wait until every new child's shared-memory record says READY.
+4. All ready: the new generation becomes current and the old one drains (SIGTERM).  A new child
+   failed, died or was not ready within BOOT_TIMEOUT: the new generation drains instead and the old
+   one goes on, as if the reload had never been asked for.
+
+Each outcome is logged, counted in fastlb_config_reloads_total and written to the reload status file
+next to the pid file, where `fastlb reload` waits for it (see write_reload_status).
 """
 
 import errno
+import fcntl
 import grp
 import json
 import logging
@@ -20,12 +34,16 @@ import sys
 import time
 import traceback
 
-from fastlb.net.sockets import open_listener
+from fastlb.net.sockets import claim_address, open_listener
 from fastlb.obs import metrics
 from fastlb.process import shm as shm_mod
 
 BOOT_ERROR = 3
-MAX_SLOTS = 256            # shared-memory records: workers of every generation + control
+MAX_SLOTS = 256            # shared-memory records: workers and control of every generation alive
+# How long a reload waits for its new generation to be ready.  A worker is ready once its listeners
+# are served: importing and building routes and Maglev tables takes well under a second (10,000 routes
+# and backends in tests/test_routing.py), so this only bounds a child that hangs while booting.
+BOOT_TIMEOUT = 30.0
 _RESPAWN_WINDOW = 30.0     # a slot dying this often within the window is respawned with back-off
 _RESPAWN_BURST = 5
 _SIGNALS = {
@@ -37,15 +55,35 @@ _SIGNALS = {
 # (SIGTERM, graceful) once its own workers are ready.
 _INHERIT = "_FASTLB_INHERIT_FDS"  # leading _: not a setting, config.load ignores it
 _UPGRADE_FROM = "_FASTLB_UPGRADE_FROM"
+# ... and the pid file's open file description, whose flock(2) lock the new master thereby shares:
+# the lock never lapses during the handover (flock locks belong to the description, not the process).
+_PID_FD = "_FASTLB_PID_FD"
+
+
+class _Generation:
+    """A config and what the master built from it; the children forked with it point to it."""
+
+    __slots__ = ("number", "cfg", "contexts", "cert_facts", "sockets", "deadline", "failure", "states")
+
+    def __init__(self, number, cfg, contexts, cert_facts, sockets):
+        self.number = number
+        self.cfg = cfg
+        self.contexts = contexts      # {listener index: SSLContext}
+        self.cert_facts = cert_facts
+        self.sockets = sockets        # (address, tls) -> one socket per slot
+        self.deadline = 0.0           # while booting in a reload: when it must be ready
+        self.failure = None           # while booting in a reload: why it cannot become current
+        self.states = None            # server states from before the reload, when it reset them
 
 
 class _Child:
-    __slots__ = ("pid", "kind", "slot", "generation", "started", "stopping", "area")
+    __slots__ = ("pid", "kind", "slot", "record", "generation", "started", "stopping", "area")
 
-    def __init__(self, pid, kind, slot, generation, area):
+    def __init__(self, pid, kind, slot, record, generation, area):
         self.pid = pid
         self.kind = kind          # "worker" | "control"
-        self.slot = slot
+        self.slot = slot          # which of the generation's sockets a worker serves
+        self.record = record      # its shared-memory record: two generations run side by side
         self.generation = generation
         self.area = area          # its metrics area (workers), or None
         self.started = time.monotonic()
@@ -53,22 +91,23 @@ class _Child:
 
 
 class Master:
-    def __init__(self, cfg, reload_config, demo: str | None = None, log: logging.Logger | None = None):
-        """demo: the demo certificate's fingerprint when serving --demo, else None."""
-        self.cfg = cfg
+    def __init__(self, cfg, reload_config, demo: str | None = None, log: logging.Logger | None = None,
+                 allow_shared_ports: bool = False):
+        """demo: the demo certificate's fingerprint when serving --demo, else None.
+        allow_shared_ports: join another process's SO_REUSEPORT group instead of refusing its port."""
+        self.current = _Generation(0, cfg, {}, [], {})
+        self.pending: _Generation | None = None   # the generation a reload is booting
+        self.reload_again = False     # a SIGHUP came while a reload was under way
         self.reload_config = reload_config   # () -> Config, raises ConfigError
         self.demo = demo
+        self.allow_shared_ports = allow_shared_ports
         self.log = log or logging.getLogger("fastlb")
         self.children: dict[int, _Child] = {}
-        self.generation = 0
-        self.sockets: dict[tuple, list] = {}   # (address, tls) -> one socket per slot
         self.admin_socket = None
         self.demo_sockets = []   # held here so a reloaded control process can serve them at once
-        self.contexts = {}
-        self.cert_facts = []
         self.signals: list[int] = []
         self.deaths: dict[int, list[float]] = {}
-        self.pending_spawns: list[tuple[float, str, int]] = []
+        self.pending_spawns: list[tuple[float, str, int, _Generation]] = []
         self.stopping = None          # None | "graceful" | "fast"
         self.stop_deadline = 0.0
         self.exit_code = 0
@@ -77,12 +116,19 @@ class Master:
         self.layout = metrics.Layout()
         self.slot_areas: dict[int, int] = {}   # worker slot -> the metrics area it used last
         self.pid_file = None
+        self.pid_fd = None            # the pid file, flock()ed for the master's life
         self.ids = None               # (uid, gid) children switch to, from [server] user/group
         self.upgrade_pid = None       # the new master of a binary upgrade in progress
+        self.reload_started = 0.0     # time.monotonic() when the latest reload began
         self.inherited = {
             key: socket.socket(fileno=fd) for key, fd in json.loads(os.environ.pop(_INHERIT, "{}")).items()
         }
         self.upgrade_from = int(os.environ.pop(_UPGRADE_FROM, "0"))
+        self.inherited_pid_fd = int(os.environ.pop(_PID_FD, "-1"))
+
+    @property
+    def cfg(self):
+        return self.current.cfg
 
     # -- setup --------------------------------------------------------------------------------------
     def _workers(self, cfg) -> int:
@@ -91,23 +137,37 @@ class Master:
     def _open_sockets(self, cfg) -> dict:
         """Sockets for cfg's listeners, reusing those already open for the same address and slot."""
         wanted = {}
-        for spec in cfg.listeners:
-            key = (str(spec.address), spec.tls)
-            count = self._workers(cfg)
-            socks = self.sockets.get(key, [])[:count]
-            while len(socks) < count:
-                socks = socks + [self._socket(f"{key[0]} tls={key[1]} slot={len(socks)}", spec.address)]
-            wanted[key] = socks
+        try:
+            for i, spec in enumerate(cfg.listeners):
+                key = (str(spec.address), spec.tls)
+                count = self._workers(cfg)
+                socks = self.current.sockets.get(key, [])[:count]
+                wanted[key] = socks
+                name = f"listeners[{i}].address"
+                if not self.allow_shared_ports and not self._holds(key[0]):
+                    claim_address(spec.address, name)
+                while len(socks) < count:
+                    socks.append(self._socket(f"{key[0]} tls={key[1]} slot={len(socks)}", spec.address,
+                                              name=name))
+        except OSError:
+            self._close_unused(wanted, self.current.sockets)  # a reload that fails leaves nothing bound
+            raise
         return wanted
 
-    def _socket(self, key: str, address, reuseport: bool = True) -> socket.socket:
+    def _holds(self, address: str) -> bool:
+        """Whether this master already has a socket on address (its own, or inherited in an upgrade):
+        then the address is ours to add slots to, and the kernel would refuse a probe anyway."""
+        return (any(key[0] == address for key in self.current.sockets)
+                or any(key.startswith(address + " tls=") for key in self.inherited))
+
+    def _socket(self, key: str, address, reuseport: bool = True, name: str = "") -> socket.socket:
         """The listening socket named key: inherited from the previous master, or opened now."""
         sock = self.inherited.pop(key, None)
-        return sock if sock is not None else open_listener(address, reuseport)
+        return sock if sock is not None else open_listener(address, reuseport, name=name)
 
     def _named_sockets(self) -> dict[str, socket.socket]:
         named = {f"{key[0]} tls={key[1]} slot={i}": sock
-                 for key, socks in self.sockets.items() for i, sock in enumerate(socks)}
+                 for key, socks in self.current.sockets.items() for i, sock in enumerate(socks)}
         if self.admin_socket is not None:
             named["admin"] = self.admin_socket
         named.update((f"demo {name}", sock) for name, sock in self.demo_sockets)
@@ -122,33 +182,42 @@ class Master:
         from fastlb.net.tls import build_server_context, carry_ticket_keys, certificate_facts
 
         ctx = build_server_context(cfg.tls, cfg.source or "environment")
-        running = next(iter(self.contexts.values()), None)
+        running = next(iter(self.current.contexts.values()), None)
         if running is not None and not carry_ticket_keys(running, ctx):
             self.log.warning("reload: OpenSSL refused to copy the session-ticket keys; "
                              "TLS sessions from before this reload will do a full handshake")
         return {i: ctx for i, spec in enumerate(cfg.listeners) if spec.tls}, certificate_facts(cfg.tls)
 
-    def _slot_sockets(self, cfg, slot: int):
-        return [(spec, self.sockets[(str(spec.address), spec.tls)][slot]) for spec in cfg.listeners]
+    def _slot_sockets(self, gen: _Generation, slot: int):
+        return [(spec, gen.sockets[(str(spec.address), spec.tls)][slot]) for spec in gen.cfg.listeners]
 
     # -- run ----------------------------------------------------------------------------------------
     def run(self) -> int:
-        cfg = self.cfg
+        gen = self.current
+        cfg = gen.cfg
         self.ids = _resolve_ids(cfg)
-        self.contexts, self.cert_facts = self._build_contexts(cfg)
-        self.layout.extend(cfg, metrics.tls_suites(self.contexts))
-        self.sockets = self._open_sockets(cfg)
-        if cfg.admin.address is not None:
-            self.admin_socket = self._socket("admin", cfg.admin.address, reuseport=False)
-        if self.demo is not None:
-            from fastlb.demo import DEMO_SERVERS
+        # Before any socket: a second instance started by mistake is told about the first one, not
+        # about the ports they both want.
+        self._lock_pid_file()
+        try:
+            gen.contexts, gen.cert_facts = self._build_contexts(cfg)
+            self.layout.extend(cfg, metrics.tls_suites(gen.contexts))
+            gen.sockets = self._open_sockets(cfg)
+            if cfg.admin.address is not None:
+                self.admin_socket = self._socket("admin", cfg.admin.address, reuseport=False,
+                                                 name="admin.address")
+            if self.demo is not None:
+                from fastlb.demo import DEMO_SERVERS
 
-            self.demo_sockets = [(name, self._socket(f"demo {name}", addr, reuseport=False))
-                                 for name, addr in DEMO_SERVERS]
+                self.demo_sockets = [(name, self._socket(f"demo {name}", addr, reuseport=False,
+                                                         name=f"demo backend {name}"))
+                                     for name, addr in DEMO_SERVERS]
+        except BaseException:
+            self._cleanup(quiet=True)
+            raise
         for sock in self.inherited.values():  # listeners the new config no longer has
             sock.close()
         self.inherited = {}
-        self._write_pid_file()
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
@@ -156,24 +225,24 @@ class Master:
         signal.set_wakeup_fd(wake_w)
         for signum in _SIGNALS:
             signal.signal(signum, self._on_signal)
-        self._spawn("control", self._control_slot())
-        for slot in range(self._workers(cfg)):
-            self._spawn("worker", slot)
-        self._announce()
         try:
+            self._spawn_generation(gen)
+            self._announce()
             self._loop()
         finally:
             self._cleanup()
         return self.exit_code
 
-    def _control_slot(self) -> int:
-        return MAX_SLOTS - 1
+    def _spawn_generation(self, gen: _Generation) -> None:
+        self._spawn("control", 0, gen)
+        for slot in range(self._workers(gen.cfg)):
+            self._spawn("worker", slot, gen)
 
     def _announce(self) -> None:
         deadline = time.monotonic() + 10
-        slots = [c.slot for c in self.children.values()]
+        records = [c.record for c in self.children.values()]
         while time.monotonic() < deadline and self.stopping is None:
-            states = [self.shm.read(s)[1] for s in slots]
+            states = [self.shm.read(r)[1] for r in records]
             if all(s == shm_mod.READY for s in states):
                 break
             if any(s == shm_mod.FAILED for s in states):
@@ -185,12 +254,16 @@ class Master:
         for spec in self.cfg.listeners:
             scheme = "https" if spec.tls else "http"
             self.log.info("listening on %s://%s", scheme, spec.address)
-        self.log.info("ready: %d workers, pid %d", self._workers(self.cfg), os.getpid())
+        workers = self._workers(self.cfg)
+        self.log.info("ready: %d worker%s, pid %d", workers, "" if workers == 1 else "s", os.getpid())
         if self.demo is not None:
             from fastlb.demo import announce
 
             announce(self.cfg, self.demo)
         if self.upgrade_from:
+            # Only now does the pid file name us: had we failed to boot, the old master goes on
+            # serving and `fastlb stop` must still find it.
+            self._write_pid()
             self.log.info("upgrade: new master ready; stopping the old master %d", self.upgrade_from)
             self._kill(self.upgrade_from, signal.SIGTERM)
 
@@ -219,7 +292,8 @@ class Master:
                     self._kill(child.pid, signal.SIGKILL)
             self._check_heartbeats(now)
             self._run_pending_spawns(now)
-            self._wait(0.2)
+            self._check_pending_generation(now)
+            self._wait(0.05 if self.pending is not None else 0.2)
 
     def _dispatch(self) -> None:
         self._reap()
@@ -258,12 +332,20 @@ class Master:
         """Binary upgrade: exec a new fastlb master that inherits every listening socket."""
         if self.stopping is not None or self.upgrade_pid is not None:
             return
+        if self.pending is not None:
+            self.log.warning("upgrade: a reload is under way; send USR2 again once it is over")
+            return
         named = self._named_sockets()
-        for sock in named.values():
-            os.set_inheritable(sock.fileno(), True)
+        fds = [sock.fileno() for sock in named.values()]
+        if self.pid_fd is not None:
+            fds.append(self.pid_fd)
+        for fd in fds:
+            os.set_inheritable(fd, True)
         env = dict(os.environ)
         env[_INHERIT] = json.dumps({key: sock.fileno() for key, sock in named.items()})
         env[_UPGRADE_FROM] = str(os.getpid())
+        if self.pid_fd is not None:
+            env[_PID_FD] = str(self.pid_fd)
         argv = [sys.executable, "-m", "fastlb", *sys.argv[1:]]
         pid = os.fork()
         if pid == 0:
@@ -274,42 +356,107 @@ class Master:
                 os.execve(sys.executable, argv, env)
             finally:
                 os._exit(127)
-        for sock in named.values():
-            os.set_inheritable(sock.fileno(), False)
+        for fd in fds:
+            os.set_inheritable(fd, False)
         self.upgrade_pid = pid
         self.log.info("upgrade: started new master %d (%s)", pid, " ".join(argv))
 
     def handle_hup(self) -> None:
-        """Reload: re-read config and certificates; start a new generation on the same sockets."""
         if self.stopping is not None:
             return
+        if self.pending is not None:
+            self.reload_again = True   # re-read once this one is decided: the file may have changed since
+            return
+        self._reload()
+
+    def _reload(self) -> None:
+        """Steps 1 and 2 of a reload (module docstring); _check_pending_generation does 3 and 4."""
+        self.reload_started = time.monotonic()
         try:
             cfg = self.reload_config()
             contexts, cert_facts = self._build_contexts(cfg)
             sockets = self._open_sockets(cfg)
         except Exception as exc:  # ConfigError, or an OSError binding a new listener
-            self.log.error("reload failed, keeping the running config: %s", exc)
-            self._count("fastlb_config_reloads_total", result="failure")
+            self._reload_failed(str(exc))
             return
+        gen = _Generation(self.current.number + 1, cfg, contexts, cert_facts, sockets)
         self.layout.extend(cfg, metrics.tls_suites(contexts))
-        self._count("fastlb_config_reloads_total", result="success")
-        for key, socks in self.sockets.items():
-            for i, sock in enumerate(socks):
-                if key not in sockets or i >= len(sockets[key]):
-                    sock.close()
         if _server_layout(cfg) != _server_layout(self.cfg):
             # State bytes are numbered by position: a changed server list starts everyone up again.
+            # The running control process writes a state only when it changes, so keep the old ones
+            # in case the new generation fails.
+            gen.states = bytes(self.shm.states)
             self.shm.states[:] = b"\x01" * len(self.shm.states)
-        self.cfg, self.contexts, self.sockets, self.cert_facts = cfg, contexts, sockets, cert_facts
-        old = list(self.children.values())
-        self.generation += 1
-        self._spawn("control", self._control_slot())
-        for slot in range(self._workers(cfg)):
-            self._spawn("worker", slot)
-        for child in old:
-            child.stopping = True
-            self._kill(child.pid, signal.SIGTERM)
-        self.log.info("reloaded: generation %d", self.generation)
+        gen.deadline = time.monotonic() + BOOT_TIMEOUT
+        self.pending = gen
+        try:
+            self._spawn_generation(gen)
+        except OSError as exc:  # fork: EAGAIN, ENOMEM
+            gen.failure = f"cannot start the new generation: {exc}"
+
+    def _check_pending_generation(self, now: float) -> None:
+        gen = self.pending
+        if gen is None:
+            return
+        if self.stopping is not None:
+            gen.failure = gen.failure or "the master is stopping"
+        kids = [c for c in self.children.values() if c.generation is gen]
+        states = [self.shm.read(c.record) for c in kids]
+        for child, (_, state, reason) in zip(kids, states, strict=True):
+            if state == shm_mod.FAILED and gen.failure is None:
+                gen.failure = f"{child.kind} (slot {child.slot}) failed to boot: {reason}"
+        if gen.failure is None and now > gen.deadline:
+            gen.failure = f"the new generation was not ready within {BOOT_TIMEOUT:g}s"
+        if gen.failure is not None:
+            self._abandon(gen, kids)
+        elif len(kids) == self._workers(gen.cfg) + 1 and all(s[1] == shm_mod.READY for s in states):
+            self._commit(gen)
+        else:
+            return
+        if self.reload_again and self.stopping is None:
+            self.reload_again = False
+            self._reload()
+
+    def _abandon(self, gen: _Generation, kids: list[_Child]) -> None:
+        """The new generation failed: stop it (those already serving drain what they accepted) and go
+        on with the running one."""
+        self.pending = None
+        if self.stopping is None:
+            for child in kids:
+                child.stopping = True
+                self._kill(child.pid, signal.SIGTERM)
+        self.pending_spawns = [p for p in self.pending_spawns if p[3] is not gen]
+        self._close_unused(gen.sockets, self.current.sockets)
+        if gen.states is not None:
+            self.shm.states[:] = gen.states
+        self._reload_failed(gen.failure)
+
+    def _commit(self, gen: _Generation) -> None:
+        old = self.current
+        self._close_unused(old.sockets, gen.sockets)
+        self.current, self.pending = gen, None
+        for child in self.children.values():
+            if child.generation is not gen and not child.stopping:
+                child.stopping = True
+                self._kill(child.pid, signal.SIGTERM)
+        self.pending_spawns = [p for p in self.pending_spawns if p[3] is gen]
+        self._count("fastlb_config_reloads_total", result="success")
+        self.log.info("reloaded: generation %d", gen.number)
+        self._write_reload_status("success", f"generation {gen.number}")
+
+    def _reload_failed(self, reason: str) -> None:
+        self.log.error("reload failed, keeping the running config: %s", reason)
+        self._count("fastlb_config_reloads_total", result="failure")
+        self._write_reload_status("failure", reason)
+
+    def _close_unused(self, sockets: dict, kept: dict) -> None:
+        """Close the sockets of one generation that the other does not use (a listener one has and the
+        other not, or slots beyond the other's worker count)."""
+        keep = {id(sock) for socks in kept.values() for sock in socks}
+        for socks in sockets.values():
+            for sock in socks:
+                if id(sock) not in keep:
+                    sock.close()
 
     # -- children ------------------------------------------------------------------------------------
     def _count(self, family: str, **labels) -> None:
@@ -328,20 +475,31 @@ class Master:
         self.slot_areas[slot] = area
         return area
 
-    def _spawn(self, kind: str, slot: int) -> None:
-        cfg = self.cfg
-        self.shm.reset(slot)
+    def _take_record(self, kind: str) -> int:
+        """A shared-memory record no live child writes: workers from the bottom (so that a first
+        generation's worker N has record N), control processes from the top."""
+        busy = {c.record for c in self.children.values()}
+        order = range(MAX_SLOTS) if kind == "worker" else range(MAX_SLOTS - 1, -1, -1)
+        for record in order:
+            if record not in busy:
+                return record
+        raise OSError(errno.EAGAIN, f"all {MAX_SLOTS} shared-memory records are in use")
+
+    def _spawn(self, kind: str, slot: int, gen: _Generation) -> None:
+        record = self._take_record(kind)
+        self.shm.reset(record)
         area = self._take_area(slot) if kind == "worker" else None
         pid = os.fork()
         if pid == 0:
-            os._exit(self._child_main(kind, slot, cfg, area))
+            os._exit(self._child_main(kind, slot, record, gen, area))
         if area is not None:
             header = self.store.header(area)
             header[metrics.PID], header[metrics.STARTED] = pid, time.time()
             header[metrics.LIVE], header[metrics.SLOT] = 1, slot
-        self.children[pid] = _Child(pid, kind, slot, self.generation, area)
+        self.children[pid] = _Child(pid, kind, slot, record, gen, area)
 
-    def _child_main(self, kind: str, slot: int, cfg, area: int | None) -> int:
+    def _child_main(self, kind: str, slot: int, record: int, gen: _Generation, area: int | None) -> int:
+        cfg = gen.cfg
         master_pid = os.getppid()
         signal.set_wakeup_fd(-1)
         for signum in _SIGNALS:
@@ -350,7 +508,11 @@ class Master:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         os.close(self._wake[0])
         os.close(self._wake[1])
-        self._close_foreign_sockets(kind, slot)
+        if self.pid_fd is not None:
+            # The flock belongs to the open file description: a copy here would keep the pid file
+            # locked after the master died, until this child noticed and exited.
+            os.close(self.pid_fd)
+        self._close_foreign_sockets(kind, slot, gen)
         ready = False
         try:
             # Everything a child runs is imported while it is still root: the new user may not be
@@ -363,17 +525,19 @@ class Master:
             if self.demo is not None:
                 import fastlb.demo  # noqa: F401
             _drop_privileges(self.ids)
+            # Worker and Control know their shared-memory record as their "slot": it is all they
+            # use it for, and the record differs from the socket slot while generations overlap.
             if kind == "worker":
-                worker = Worker(cfg, slot, self._slot_sockets(cfg, slot), self.contexts, self.shm,
+                worker = Worker(cfg, record, self._slot_sockets(gen, slot), gen.contexts, self.shm,
                                 master_pid, self.log, self.layout, self.store.area(area))
                 return worker.run()
-            return Control(cfg, self.admin_socket, self.demo_sockets, self.shm, slot, master_pid,
-                           self.log, self.layout, self.store, self.cert_facts).run()
+            return Control(cfg, self.admin_socket, self.demo_sockets, self.shm, record, master_pid,
+                           self.log, self.layout, self.store, gen.cert_facts).run()
         except BaseException as exc:  # noqa: BLE001 - whatever it is, the master must hear why
-            ready = self.shm.read(slot)[1] == shm_mod.READY
+            ready = self.shm.read(record)[1] == shm_mod.READY
             reason = "".join(traceback.format_exception_only(exc)).strip()
             if not ready:
-                self.shm.set_state(slot, shm_mod.FAILED, reason)
+                self.shm.set_state(record, shm_mod.FAILED, reason)
                 print(f"fastlb: {kind} failed to boot: {reason}", file=sys.stderr, flush=True)
                 return BOOT_ERROR
             traceback.print_exc()
@@ -381,13 +545,15 @@ class Master:
         finally:
             sys.stderr.flush()
 
-    def _close_foreign_sockets(self, kind: str, slot: int) -> None:
+    def _close_foreign_sockets(self, kind: str, slot: int, gen: _Generation) -> None:
         """A child keeps only the sockets it serves: a listener must not stay bound (after a reload
         removed it) nor look served because some other process happens to hold a copy."""
-        for socks in self.sockets.values():
-            for i, sock in enumerate(socks):
-                if kind != "worker" or i != slot:
-                    sock.close()
+        keep = {id(sock) for _, sock in self._slot_sockets(gen, slot)} if kind == "worker" else set()
+        for g in (self.current, self.pending):
+            for socks in (g.sockets.values() if g is not None else ()):
+                for sock in socks:
+                    if id(sock) not in keep:
+                        sock.close()
         if kind == "worker":
             if self.admin_socket is not None:
                 self.admin_socket.close()
@@ -425,15 +591,20 @@ class Master:
             for index in self.layout.gauges:
                 area[index] = 0.0
         code = os.waitstatus_to_exitcode(status)
+        how = f"signal {-code}" if code < 0 else f"exit code {code}"
+        if child.generation is self.pending and not child.stopping:
+            # Not respawned: a new generation that loses a child while booting is not what was tested.
+            why = f"failed to boot: {self.shm.read(child.record)[2]}" if code == BOOT_ERROR else f"died with {how}"
+            self.pending.failure = self.pending.failure or f"{child.kind} (slot {child.slot}) {why}"
+            return
         if self.stopping is not None or child.stopping:
             return
         if code == BOOT_ERROR:
-            reason = self.shm.read(child.slot)[2]
+            reason = self.shm.read(child.record)[2]
             self.log.error("%s (slot %d) failed to boot: %s; stopping", child.kind, child.slot, reason)
             self.exit_code = BOOT_ERROR
             self.handle_quit()
             return
-        how = f"signal {-code}" if code < 0 else f"exit code {code}"
         self.log.warning("%s %d (slot %d) died with %s; respawning", child.kind, child.pid, child.slot, how)
         if child.kind == "worker":
             self._count("fastlb_worker_restarts_total")
@@ -441,57 +612,128 @@ class Master:
         recent = [t for t in self.deaths.get(child.slot, []) if now - t < _RESPAWN_WINDOW] + [now]
         self.deaths[child.slot] = recent
         delay = 0.0 if len(recent) <= _RESPAWN_BURST else min(2.0 ** (len(recent) - _RESPAWN_BURST), 30.0)
-        self.pending_spawns.append((now + delay, child.kind, child.slot))
+        self.pending_spawns.append((now + delay, child.kind, child.slot, child.generation))
 
     def _run_pending_spawns(self, now: float) -> None:
         due = [p for p in self.pending_spawns if p[0] <= now]
         if not due or self.stopping is not None:
             return
         self.pending_spawns = [p for p in self.pending_spawns if p[0] > now]
-        for _, kind, slot in due:
-            self._spawn(kind, slot)
+        for _, kind, slot, gen in due:
+            self._spawn(kind, slot, gen)
 
     def _check_heartbeats(self, now: float) -> None:
         limit = self.cfg.server.heartbeat_timeout
         for child in list(self.children.values()):
-            if child.stopping or child.generation != self.generation:
+            if child.stopping or child.generation is not self.current:
                 continue
-            beat, state, _ = self.shm.read(child.slot)
+            beat, state, _ = self.shm.read(child.record)
             if state == shm_mod.READY and now - beat > limit:
                 self.log.error("%s %d (slot %d) missed its heartbeat for %.1fs; killing it",
                                child.kind, child.pid, child.slot, now - beat)
                 self._kill(child.pid, signal.SIGKILL)
 
     # -- files ---------------------------------------------------------------------------------------
-    def _write_pid_file(self) -> None:
+    def _lock_pid_file(self) -> None:
+        """Hold an exclusive flock(2) on the pid file for the master's whole life.  The lock, not the
+        pid written in the file, says whether a master is running: a pid outlives its process and may
+        name someone else's by the time it is read; a lock goes when the last descriptor of its open
+        file description closes, however the master died."""
         path = self.cfg.server.pid_file or default_pid_file()
+        if self.inherited_pid_fd >= 0:
+            fd, self.inherited_pid_fd = self.inherited_pid_fd, -1
+            if _same_file(fd, path):  # binary upgrade: the old master's description, lock included
+                self.pid_file, self.pid_fd = path, fd
+                return
+            os.close(fd)  # the new config names another pid file
+        # Retried briefly: `fastlb reload`/`stop` take a shared lock for an instant to test it.
+        for attempt in range(10, -1, -1):
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                if exc.errno not in (errno.EACCES, errno.EROFS, errno.ENOENT):
+                    raise
+                self.log.warning("cannot write pid file %s: %s", path, exc)
+                return
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_pid(fd)
+                os.close(fd)
+                if attempt:
+                    time.sleep(0.05)
+                    continue
+                raise OSError(f"pid file {path} is locked by the running master {holder}: stop it "
+                              f"first, or give this instance its own [server] pid_file") from None
+            # A master that was stopping may have unlinked the file between our open and our lock.
+            if _same_file(fd, path):
+                break
+            os.close(fd)
+        self.pid_file, self.pid_fd = path, fd
+        if not self.upgrade_from:
+            self._write_pid()
+
+    def _write_pid(self) -> None:
+        if self.pid_fd is not None:
+            os.ftruncate(self.pid_fd, 0)
+            os.pwrite(self.pid_fd, f"{os.getpid()}\n".encode(), 0)
+
+    def _write_reload_status(self, result: str, reason: str) -> None:
+        """Tell `fastlb reload` how its reload went: it sends SIGHUP, which carries no reply address,
+        then waits for this file (next to the pid file) to name this master and a reload that started
+        after its signal.  `started` is CLOCK_MONOTONIC, which all processes of the host share."""
+        if self.pid_file is None:
+            return
+        path = reload_status_file(self.pid_file)
+        status = {"pid": os.getpid(), "started": self.reload_started, "result": result, "reason": reason}
         try:
             with open(path + ".tmp", "w") as f:
-                f.write(f"{os.getpid()}\n")
+                json.dump(status, f)
             os.replace(path + ".tmp", path)
-            self.pid_file = path
         except OSError as exc:
-            if exc.errno not in (errno.EACCES, errno.EROFS, errno.ENOENT):
-                raise
-            self.log.warning("cannot write pid file %s: %s", path, exc)
+            self.log.warning("cannot write the reload status file %s: %s", path, exc)
 
-    def _cleanup(self) -> None:
-        if self.pid_file:
-            try:
-                with open(self.pid_file) as f:
-                    ours = f.read().strip() == str(os.getpid())
-                if ours:  # after an upgrade the file names the new master: leave it
-                    os.unlink(self.pid_file)
-            except OSError:
-                pass
-        for socks in self.sockets.values():
-            for sock in socks:
-                sock.close()
+    def _cleanup(self, quiet: bool = False) -> None:
+        if self.pid_fd is not None:
+            # Ours to remove only if the file still names us: after an upgrade it names the new master
+            # (which shares our lock), and a file someone replaced is theirs.
+            if _same_file(self.pid_fd, self.pid_file) and _read_pid(self.pid_fd) == os.getpid():
+                for path in (reload_status_file(self.pid_file), self.pid_file):
+                    try:
+                        os.unlink(path)
+                    except OSError:
+                        pass
+            os.close(self.pid_fd)
+            self.pid_fd = None
+        for g in (self.current, self.pending):
+            for socks in (g.sockets.values() if g is not None else ()):
+                for sock in socks:
+                    sock.close()
         if self.admin_socket is not None:
             self.admin_socket.close()
         for _, sock in self.demo_sockets:
             sock.close()
-        self.log.info("stopped")
+        if not quiet:
+            self.log.info("stopped")
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        st, here = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (here.st_dev, here.st_ino)
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        return int(os.pread(fd, 64, 0).decode().strip())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def reload_status_file(pid_file: str) -> str:
+    return pid_file + ".reload"
 
 
 def _resolve_ids(cfg) -> tuple[int, int] | None:
