@@ -99,9 +99,10 @@ class FaultyBackend:
         self.sock.close()
 
 
-# The hang: fastlb/http/upstream.py `_connected` writes the request on a connection that closed
-# between connect() and that callback (RuntimeError on the closed handle, the exchange then waits for
-# response_timeout).  The fix belongs to the data-path rewrite; strict, so this mark must go with it.
+# The hang: `_connected` (http/upstream.py, and http/protocol_py.py of the data-path rewrite) writes
+# the request on a connection that closed between connect() and that callback: RuntimeError on the
+# closed handle, and the exchange waits for response_timeout.  The fix belongs to the rewrite;
+# strict, so this mark must go with it.
 _HANG = pytest.mark.xfail(strict=True, reason="upstream connection closed before _connected: hangs")
 PARAMS = [pytest.param(f, marks=_HANG) if f == "close_on_accept" else f for f in FAULTS]
 
