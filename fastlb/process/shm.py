@@ -1,7 +1,9 @@
 """The shared-memory block the master creates before forking (an anonymous MAP_SHARED mapping).
 
-Each process slot (workers 0..N-1, then the control process) owns one record that only it writes:
-a heartbeat timestamp, a boot state and, when booting failed, the reason.  After the records comes
+Each child process (worker or control) owns one record that only it writes: a heartbeat timestamp, a
+boot state and, when booting failed, the reason.  The master gives a child a record no live child
+has, not one per worker slot: during a reload two generations run side by side, and the new one must
+report READY or FAILED without the old one overwriting it.  After the records comes
 one state byte per backend server (numbered in config order), written only by the control process's
 health checks and read by workers at pick time.  Every area has a single writer, so no lock is
 needed: aligned stores of 8 bytes or less are atomic on every platform Linux runs on.
