@@ -1,7 +1,7 @@
 """The status page at / on the admin listener, in a real headless Chromium driven over DevTools (CDP).
 
-Chromium is a system package that tests/system-deps.sh installs when run as root (about 25 Debian
-packages, 113 MB).  Where it is not installed (not root, no network, or a distribution without it)
+Chromium is a system package that tests/system-deps.sh installs when run as root (25 Debian
+packages, a 124 MB download).  Where it is not installed (not root, no network, or a distribution without it)
 the browser test is skipped, and pytest's summary (`-ra`) prints why: never a silent pass.
 """
 
@@ -38,7 +38,7 @@ def find_chromium() -> str:
     path = shutil.which("chromium") or ("/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else None)
     if path is None:
         pytest.skip("chromium is not installed, so the status page is not tried in a browser: "
-                    "tests/system-deps.sh installs it as root (about 113 MB)")
+                    "tests/system-deps.sh installs it as root (a 124 MB download)")
     return path
 
 
