@@ -1,8 +1,8 @@
 """The status page at / on the admin listener, in a real headless Chromium driven over DevTools (CDP).
 
 Chromium is a system package that tests/system-deps.sh installs when run as root (25 Debian
-packages, a 124 MB download).  Where it is not installed (not root, no network, or a distribution without it)
-the browser test is skipped, and pytest's summary (`-ra`) prints why: never a silent pass.
+packages, a 124 MB download).  Where it is not installed (not root, no network, or a distribution
+without it) the browser test is skipped, and pytest's summary (`-ra`) prints why: never a silent pass.
 """
 
 import base64
