@@ -97,6 +97,24 @@ def test_a_second_instance_refuses_the_port_of_the_first_unless_allowed(backends
     assert get(first.port) == 200
 
 
+def test_a_reload_that_adds_a_taken_address_fails_with_its_holder(backends, fastlb, tmp_path):
+    (b1,) = backends("b1")
+    cfg = tmp_path / "taken.toml"
+    routes = f'[[routes]]\nbackend = "b"\n[backends.b]\nservers = ["{b1.address}"]\n'
+    port = free_port()
+    cfg.write_text(f'[[listeners]]\naddress = "127.0.0.1:{port}"\n' + routes)
+    lb = fastlb({"FASTLB_LISTEN": None}, args=["--config", str(cfg)])
+    with listening_socket(free_port(), reuseport=True) as held:
+        taken = held.getsockname()[1]
+        cfg.write_text(f'[[listeners]]\naddress = "127.0.0.1:{port}"\n'
+                       f'[[listeners]]\naddress = "127.0.0.1:{taken}"\n' + routes)
+        out = fastlb_cli("reload", "--pid-file", lb.env["FASTLB_SERVER_PID_FILE"])
+    assert out.returncode == 1
+    assert (f"listeners[1].address 127.0.0.1:{taken}: address already in use by pid {os.getpid()} ("
+            in out.stderr), out.stderr
+    assert get(port) == 200
+
+
 def test_reload_adds_worker_slots_to_its_own_port(backends, fastlb, tmp_path):
     (b1,) = backends("b1")
     cfg = tmp_path / "slots.toml"
