@@ -353,6 +353,27 @@ cdef bint _listed(const _Field *fields, Py_ssize_t count, const unsigned char *n
     return False
 
 
+cdef bint _te_misused(const unsigned char *p, Py_ssize_t n, bint *chunked_seen) noexcept nogil:
+    # An empty Transfer-Encoding value, or any element after a "chunked" one (in this or an earlier
+    # Transfer-Encoding field: `chunked_seen` carries over).
+    cdef Py_ssize_t i = 0, j, s, e
+    cdef bint misused = False
+    _trim(p, n, &s, &e)
+    if e == s:
+        misused = True
+    while i <= n:
+        j = i
+        while j < n and p[j] != c',':
+            j += 1
+        if chunked_seen[0]:
+            misused = True
+        _trim(p + i, j - i, &s, &e)
+        if _ieq(p + i + s, e - s, b"chunked", 7):
+            chunked_seen[0] = True
+        i = j + 1
+    return misused
+
+
 cdef int _upgrade_protocol(const unsigned char *p, Py_ssize_t n) noexcept nogil:
     # First non-empty element of an Upgrade value: 0 = none in this value, 1 = a protocol we tunnel,
     # 2 = h2c (RFC 9113 §3.1 deprecated that upgrade; we would have to speak HTTP/2 to route it).
@@ -583,12 +604,10 @@ cdef int _request_line(const unsigned char *p, Py_ssize_t start, Py_ssize_t max_
     n = eol - pos
     if n == 0 or p[pos] == c' ' or bare:
         return 400
-    if spaces == 1:
-        return 400  # RFC 9112 §3: a missing target or version is malformed, not HTTP/0.9 (14.6)
     if n >= 8 and memcmp(p + pos, b"PRI ", 4) == 0 and memcmp(p + eol - 8, b"HTTP/2.0", 8) == 0:
         return 505  # HTTP/2 prior knowledge (RFC 9113 §3.4)
     if spaces != 2 or double_space:
-        return 400
+        return 400  # RFC 9112 §3; one separator is malformed too, not HTTP/0.9 (issue 14 item 6)
     if n > max_request_line:
         return 414
     if _bad_token(p + pos, sp1 - pos):
@@ -776,6 +795,7 @@ cdef tuple _request(const unsigned char *mp, Py_ssize_t ml, const unsigned char 
     cdef _Field *f
     cdef Kind alias
     cdef int flags = 0, error = 0
+    cdef bint te_misused = False, chunked_seen = False
     cdef bint bodyless = _bodyless(mp, ml)
 
     # The parser already checked the request line; these two checks only keep a caller bug from turning
@@ -816,6 +836,9 @@ cdef tuple _request(const unsigned char *mp, Py_ssize_t ml, const unsigned char 
             te_count += 1
             # RFC 9112 §7: coding names are case-insensitive.
             te_chunked = _ieq_trimmed(f.value, f.value_len, b"chunked", 7)
+            # RFC 9112 §6.1: chunked final and once, see _core_py._request.
+            if _te_misused(f.value, f.value_len, &chunked_seen):
+                te_misused = True
         elif f.kind == K_CONNECTION:
             options |= _connection_options(f.value, f.value_len, False)
         elif f.kind == K_UPGRADE:
@@ -845,6 +868,8 @@ cdef tuple _request(const unsigned char *mp, Py_ssize_t ml, const unsigned char 
 
     if host_field >= 0 and not _valid_host(fields[host_field].value + host_s, host_e - host_s):
         bad = True  # RFC 9112 §3.2, empty included (14.8): see _core_py._HOST_VALUE
+    if te_misused:
+        bad = True
     if te_count and bodyless:
         bad = True  # 14.9: refused rather than normalised, see _core_py._request
     if cl_count == 1 and cl_ok:

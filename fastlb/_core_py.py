@@ -258,7 +258,7 @@ def _request_line(head, max_request_line):
 
     Returns ``(status, method, target, minor, fields_start)``: status 0 if the line is fine, else what
     to answer. The checks before the version are framing.request_start_problem's, in its order, so both
-    answer the same status for the same bytes, except that a line with one separator is a 400 here.
+    answer the same status for the same bytes.
     """
     # RFC 9112 §2.2: a server SHOULD ignore at least one empty line (CRLF) received before the
     # request-line; one, not more: anything else before the method is refused.
@@ -267,14 +267,11 @@ def _request_line(head, max_request_line):
     line = head[pos:eol]
     if not line or line[0] in b" \r\n" or b"\n" in line or b"\r" in line:
         return 400, b"", b"", 0, 0
-    spaces = line.count(b" ")
-    if spaces == 1:
-        # RFC 9112 §3: request-line = method SP request-target SP HTTP-version. One separator is a
-        # missing target or version (or a tab for a space): malformed, not HTTP/0.9 (issue 14 item 6).
-        return 400, b"", b"", 0, 0
     if line.startswith(b"PRI ") and line.endswith(b"HTTP/2.0"):
         return 505, b"", b"", 0, 0  # HTTP/2 prior knowledge (RFC 9113 §3.4)
-    if spaces != 2 or b"  " in line:
+    # RFC 9112 §3: request-line = method SP request-target SP HTTP-version. One separator is a missing
+    # target or version (or a tab for a space): malformed, not HTTP/0.9 (issue 14 item 6).
+    if line.count(b" ") != 2 or b"  " in line:
         return 400, b"", b"", 0, 0
     if len(line) > max_request_line:
         return 414, b"", b"", 0, 0
@@ -380,7 +377,7 @@ def _request(method, target, headers, client_ip, proto, port, trust_xff, request
     bad = _bad_name(method) or not target or len(target.translate(None, _CTL_SP)) != len(target)
     host = None
     host_count = cl_count = te_count = 0
-    cl_ok = te_chunked = False
+    cl_ok = te_chunked = te_misused = chunked_seen = False
     length = 0
     expect_seen = expect_bad = False
     options = set()
@@ -427,6 +424,17 @@ def _request(method, target, headers, client_ip, proto, port, trust_xff, request
             te_count += 1
             # RFC 9112 §7: coding names are case-insensitive, so "CHUNKED" is chunked.
             te_chunked = value.strip(_OWS).lower() == b"chunked"
+            # RFC 9112 §6.1: chunked MUST be the final coding and MUST NOT be applied twice; a sender
+            # that puts anything after it (another coding, an empty element, a second TE line) framed
+            # the body in a way no recipient can delimit: 400, not 501 (as llhttp). No coding at all
+            # is no valid Transfer-Encoding either.
+            if not value.strip(_OWS):
+                te_misused = True
+            for element in value.split(b","):
+                if chunked_seen:
+                    te_misused = True
+                if element.strip(_OWS).lower() == b"chunked":
+                    chunked_seen = True
         elif kind == _CONNECTION:
             _connection_options(value, options)
         elif kind == _UPGRADE:
@@ -454,6 +462,8 @@ def _request(method, target, headers, client_ip, proto, port, trust_xff, request
     if host is not None and not _HOST_VALUE.fullmatch(host):
         bad = True  # RFC 9112 §3.2: an invalid Host field value (empty included: issue 14 item 8) is a 400
     bodyless = method in _BODYLESS
+    if te_misused:
+        bad = True
     if te_count and bodyless:
         # Issue 14 item 9: a GET/HEAD/TRACE body framed by Transfer-Encoding is refused, not normalised.
         # Normalising means buffering the whole body before the head can leave (its Content-Length

@@ -77,6 +77,7 @@ def chunked(te: bytes, body: bytes = b"5\r\nhello\r\n0\r\n\r\n", version: bytes 
 # Invalid: message framing (RFC 9112 §6): 400 and close (DESIGN "Error table"), because
 # once two parsers could disagree on where the body ends, no byte after it can be trusted.
 # ---------------------------------------------------------------------------------------------------
+CHUNK_HEAD_TE = b"Transfer-Encoding: chunked\r\n"
 SMUGGLE = b"0\r\n\r\nGET /smuggled HTTP/1.1\r\n" + HOST + b"\r\n"
 invalid("cl_te", post(b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n", SMUGGLE), 400,
         "RFC 9112 §6.3 item 3: Content-Length with Transfer-Encoding")
@@ -135,8 +136,26 @@ invalid("te_xchunked", chunked(b"xchunked"), 501, "not chunked")
 invalid("te_chunked_parameter", chunked(b"chunked;q=1"), 501, "chunked takes no parameters: not exactly chunked")
 invalid("te_two_lines", post(b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n",
                              b"5\r\nhello\r\n0\r\n\r\n"), 501, "two TE field lines = gzip, chunked")
+# Look-alike framing names (issue 14 item 10): some servers fold "_" into "-" and collapse runs of
+# them, so these would reach an application as the real field while fastlb framed the body without it.
+invalid("te_dashes_name", post(b"Transfer---Encoding: chunked\r\n", b"5\r\nhello\r\n0\r\n\r\n"), 400,
+        "runs of '-' collapse to transfer-encoding (issue 14 item 10; was forwarded)")
+invalid("te_underscores_name", post(b"Transfer___Encoding: chunked\r\n", b"5\r\nhello\r\n0\r\n\r\n"), 400,
+        "runs of '_' collapse to transfer-encoding (issue 14 item 10; was forwarded)")
+invalid("cl_dashes_name", post(b"Content--Length: 5\r\n", b"hello"), 400,
+        "runs of '-' collapse to content-length (issue 14 item 10; was forwarded)")
+invalid("cl_mixed_runs_name", post(b"Content-_Length: 5\r\n", b"hello"), 400,
+        "a run of '-' and '_' collapses to content-length (issue 14 item 10)")
 invalid("te_two_lines_chunked", post(b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
                                      b"5\r\nhello\r\n0\r\n\r\n"), 400, "two TE field lines = chunked applied twice")
+
+# GET and HEAD with a chunked body (issue 14 item 9): a backend that ignores bodies on these methods
+# reads the chunks as the next request (AWS's "ambiguous" desync class). Refused, not normalised.
+SMUGGLED_GET = b"GET /smuggled HTTP/1.1\r\n" + HOST + b"\r\n"
+invalid("get_chunked", b"GET / HTTP/1.1\r\n" + HOST + CHUNK_HEAD_TE + b"\r\n" + b"%x\r\n%s\r\n0\r\n\r\n"
+        % (len(SMUGGLED_GET), SMUGGLED_GET), 400, "GET with Transfer-Encoding: chunked (issue 14 item 9; was forwarded)")
+invalid("head_chunked", b"HEAD / HTTP/1.1\r\n" + HOST + CHUNK_HEAD_TE + b"\r\n0\r\n\r\n", 400,
+        "HEAD with Transfer-Encoding: chunked, even an empty body (issue 14 item 9)")
 
 # Chunked bodies (RFC 9112 §7.1). The head is fine, so fastlb may already have sent it upstream: the
 # backend must still never see a complete request.
@@ -184,8 +203,9 @@ invalid("double_space_after_chunked_body",
         post(CHUNK_HEAD, b"3;x=y\r\nabc\r\n0\r\nX-T: 1\r\n\r\nGET  /smuggled HTTP/1.1\r\n" + HOST + b"\r\n"),
         400, "RFC 9112 §3: single spaces in the request line, for a request after trailers too",
         before=[200], forwarded=[fwd("POST", "/", b"abc")])
-invalid("http09_after_chunked_body", post(CHUNK_HEAD, b"0\r\n\r\nGET /smuggled\r\n\r\n"), 505,
-        "HTTP/0.9 pipelined after an empty chunked body", before=[200], forwarded=[fwd("POST", "/")])
+invalid("http09_after_chunked_body", post(CHUNK_HEAD, b"0\r\n\r\nGET /smuggled\r\n\r\n"), 400,
+        "one separator pipelined after an empty chunked body: malformed (RFC 9112 §3, issue 14 item 6)",
+        before=[200], forwarded=[fwd("POST", "/")])
 invalid("bare_cr_before_request_line", b"\rGET / HTTP/1.1\r\n" + HOST + b"\r\n", 400,
         "RFC 9112 §2.2: only empty lines (CRLF) may precede the request line; a bare CR is invalid")
 invalid("bare_cr_request_line", b"GET / HTTP/1.1\r" + HOST + b"\r\n", 400,
@@ -219,6 +239,14 @@ invalid("host_with_space", b"GET / HTTP/1.1\r\nHost: exa mple.test\r\n\r\n", 400
         "RFC 9112 §3.2: invalid Host field value (RFC 3986 reg-name has no SP)")
 invalid("host_with_path", b"GET / HTTP/1.1\r\nHost: example.test/admin\r\n\r\n", 400,
         "RFC 9112 §3.2: invalid Host field value (authority has no path)")
+invalid("host_empty", b"GET / HTTP/1.1\r\nHost:\r\n\r\n", 400,
+        "an empty Host names no authority to route on (RFC 9110 §4.2.1; nginx: 400; issue 14 item 8)")
+invalid("host_empty_ows", b"GET / HTTP/1.1\r\nHost: \t \r\n\r\n", 400,
+        "OWS is not part of the value (RFC 9110 §5.5): still empty (issue 14 item 8)")
+invalid("host_empty_http10", b"GET / HTTP/1.0\r\nHost:\r\n\r\n", 400,
+        "HTTP/1.0 needs no Host, but one that is sent must be valid (issue 14 item 8)")
+invalid("host_port_only", b"GET / HTTP/1.1\r\nHost: :8080\r\n\r\n", 400,
+        "RFC 9110 §4.2.1: an http URI with an empty host is invalid")
 
 # Request line (RFC 9112 §3).
 invalid("absolute_form", b"GET http://evil.test/ HTTP/1.1\r\n" + HOST + b"\r\n", 400,
@@ -228,11 +256,14 @@ invalid("authority_form_get", b"GET example.test:80 HTTP/1.1\r\n" + HOST + b"\r\
         "RFC 9112 §3.2.3: authority-form is only for CONNECT")
 invalid("asterisk_form_get", b"GET * HTTP/1.1\r\n" + HOST + b"\r\n", 400,
         "RFC 9112 §3.2.4: asterisk-form is only for OPTIONS")
-invalid("http09", b"GET /\r\n\r\n", 505, "HTTP/0.9 simple request: DESIGN version other than 1.0/1.1")
+invalid("http09", b"GET /\r\n\r\n", 400,
+        "RFC 9112 §3: a request line with one separator is malformed, not an HTTP/0.9 request (issue 14 item 6)")
+invalid("missing_target", b"GET HTTP/1.1\r\n" + HOST + b"\r\n", 400,
+        "RFC 9112 §3: no request-target, one separator (issue 14 item 6; was 505)")
+invalid("tab_for_one_space", b"GET\t/ HTTP/1.1\r\n" + HOST + b"\r\n", 400,
+        "RFC 9112 §3: SP only; with a tab the line has one separator (issue 14 item 6; was 505)")
 invalid("http09_explicit", b"GET / HTTP/0.9\r\n" + HOST + b"\r\n", 505, "DESIGN: version other than 1.0/1.1")
 invalid("http20", b"GET / HTTP/2.0\r\n" + HOST + b"\r\n", 505, "DESIGN: version other than 1.0/1.1")
-invalid("http12", b"GET / HTTP/1.2\r\n" + HOST + b"\r\n", 505,
-        "DESIGN 505 (RFC 9110 §2.5 would process 1.2 as 1.1; we do not guess at future minors)")
 invalid("http_lowercase", b"GET / http/1.1\r\n" + HOST + b"\r\n", 400, "RFC 9112 §2.3: HTTP-name is case-sensitive")
 invalid("http_version_garbage", b"GET / HTTP/1.1x\r\n" + HOST + b"\r\n", 400, "malformed version")
 invalid("h2_preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505, "HTTP/2 prior knowledge: DESIGN version != 1.x")
@@ -289,7 +320,20 @@ def get(target: bytes = b"/", extra: bytes = b"", version: bytes = b"HTTP/1.1") 
 valid("get_simple", get(), [fwd("GET", "/", headers={"host": "example.test"})], "the simplest request")
 valid("get_with_body", b"GET /search HTTP/1.1\r\n" + HOST + b"Content-Length: 11\r\n\r\nhello world",
       [fwd("GET", "/search", b"hello world", headers={"content-length": "11"})],
-      "a GET body is framed by its Content-Length (RFC 9110 §9.3.1), never assumed empty")
+      "a GET body is framed by its Content-Length (RFC 9110 §9.3.1), never assumed empty; the request is "
+      "ambiguous (a backend may ignore the body), so fastlb closes after it (issue 14 item 9)", close=True)
+valid("get_with_body_then_request",
+      b"GET /first HTTP/1.1\r\n" + HOST + b"Content-Length: 5\r\n\r\nhello" + b"GET /second HTTP/1.1\r\n" + HOST
+      + b"\r\n", [fwd("GET", "/first", b"hello")],
+      "after an ambiguous GET with a body nothing more is read from the connection (issue 14 item 9)", close=True)
+valid("head_with_body", b"HEAD /h HTTP/1.1\r\n" + HOST + b"Content-Length: 3\r\n\r\nabc",
+      [fwd("HEAD", "/h", b"abc")], "HEAD with a Content-Length body: forwarded, then closed (issue 14 item 9)",
+      close=True, no_body=[0])
+valid("http12_processed_as_http11", get(b"/v12", HOST, version=b"HTTP/1.2") + get(b"/after"),
+      [fwd("GET", "/v12"), fwd("GET", "/after")],
+      "RFC 9112 §2.3: a higher minor version of HTTP/1 is processed as 1.1, kept alive (issue 14 item 7; was 505)")
+valid("http19_processed_as_http11", get(b"/v19", HOST, version=b"HTTP/1.9"), [fwd("GET", "/v19")],
+      "RFC 9112 §2.3: any HTTP/1.x above 1.1 is 1.1 (issue 14 item 7)")
 valid("post_content_length", post(b"Content-Length: 5\r\n", b"hello", b"/form"), [fwd("POST", "/form", b"hello")],
       "plain Content-Length body")
 valid("post_empty_content_length", post(b"Content-Length: 0\r\n", b"", b"/empty"), [fwd("POST", "/empty")],
