@@ -425,7 +425,6 @@ class Master:
             for child in kids:
                 child.stopping = True
                 self._kill(child.pid, signal.SIGTERM)
-        self.pending_spawns = [p for p in self.pending_spawns if p[3] is not gen]
         self._close_unused(gen.sockets, self.current.sockets)
         if gen.states is not None:
             self.shm.states[:] = gen.states
