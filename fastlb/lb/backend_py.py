@@ -28,6 +28,12 @@ _NO_CAP = 1 << 62
 class Server:
     """One backend server as this worker sees it: address, weight, health and its idle upstream pool."""
 
+    __slots__ = (
+        "backend", "gid", "name", "host", "port", "weight", "base_weight", "states", "ejected",
+        "ejected_until", "ejections", "fails", "recovering_since", "was_up", "usable", "active", "cap",
+        "idle", "m_upstream", "m_active", "m_errors",
+    )
+
     def __init__(self, backend, gid, spec, states):
         self.backend = backend
         self.gid = gid                # index of this server's state byte in shared memory
@@ -112,6 +118,8 @@ class Server:
 
 
 class Backend:
+    __slots__ = ("name", "spec", "servers", "balancer", "hash_key", "waiting", "m_retries")
+
     def __init__(self, spec, first_gid, states):
         self.name = spec.name
         self.spec = spec

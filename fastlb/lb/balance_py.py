@@ -35,6 +35,8 @@ _MAX_TABLES = 16
 class Balancer:
     """The interface, and the list of usable servers every algorithm picks from."""
 
+    __slots__ = ("servers", "usable")
+
     def __init__(self, servers):
         self.servers = list(servers)
         self.usable = []
@@ -50,6 +52,8 @@ class Balancer:
 
 class SmoothRoundRobin(Balancer):
     """nginx's smooth weighted round robin: weights 5,1,1 give a a b a c a a, never a burst of a's."""
+
+    __slots__ = ("current",)
 
     def __init__(self, servers):
         self.current = array("q")
@@ -92,6 +96,8 @@ class SmoothRoundRobin(Balancer):
 class LeastConn(SmoothRoundRobin):
     """Fewest in-flight requests per unit of weight (this worker's view); ties by weighted round robin."""
 
+    __slots__ = ()
+
     def pick(self, exclude=(), key=None):
         best_active = 0
         best_weight = 0
@@ -108,6 +114,8 @@ class LeastConn(SmoothRoundRobin):
 
 
 class WeightedRandom(Balancer):
+    __slots__ = ("total",)
+
     def __init__(self, servers):
         self.total = 0
         Balancer.__init__(self, servers)
@@ -156,6 +164,8 @@ class WeightedRandom(Balancer):
 class PowerOfTwo(WeightedRandom):
     """Power of two random choices (Mitzenmacher): two weighted-random candidates, the less loaded wins."""
 
+    __slots__ = ()
+
     def pick(self, exclude=(), key=None):
         a = self.draw(exclude, None)
         if a is None:
@@ -178,6 +188,8 @@ class MaglevHash(SmoothRoundRobin):
     requests without a key follows it.  A retry, or a server at its cap, walks the table from the
     key's slot to the next server that can take the request.
     """
+
+    __slots__ = ("size", "names", "tables", "table")
 
     def __init__(self, servers, size=MAGLEV_SIZE):
         self.size = size
