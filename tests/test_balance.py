@@ -173,17 +173,24 @@ def test_passive_ejection_takes_the_server_out_at_once_and_the_tick_brings_it_ba
     assert s1 in {b.balancer.pick((), k) for k in keys}
 
 
-def test_slow_start_weight_reaches_the_balancer():
-    b = backend([100, 100], slow_start=10.0)
+@pytest.mark.parametrize("balance", ["roundrobin", "random"])
+def test_slow_start_weight_reaches_the_balancer(balance):
+    random.seed(3)
+    b = backend([100, 100], balance, slow_start=10.0)
     s0, s1 = b.servers
     set_state(b, 1, DOWN, 0.0)
     set_state(b, 1, UP, 1.0)       # back at t=1: ramps from weight 1
     s1.tick(6.0)                   # half way: weight 50
     assert s1.weight == 50
-    assert collections.Counter(names(b.balancer.pick() for _ in range(300))) == {0: 200, 1: 100}
+    counts = collections.Counter(names(b.balancer.pick() for _ in range(3000)))
+    if balance == "roundrobin":
+        assert counts == {0: 2000, 1: 1000}
+    else:
+        assert b.balancer.total == 150 and abs(counts[1] / 3000 - 1 / 3) < 0.03, counts
     s1.tick(11.0)
     assert s1.weight == 100
-    assert collections.Counter(names(b.balancer.pick() for _ in range(300))) == {0: 150, 1: 150}
+    counts = collections.Counter(names(b.balancer.pick() for _ in range(3000)))
+    assert abs(counts[1] / 3000 - 1 / 2) < 0.03, counts
 
 
 @pytest.mark.parametrize("balance", ["roundrobin", "random", "p2c", "leastconn", "hash"])
