@@ -71,6 +71,16 @@ RESPONSE_ARGS = (
     True,
     False,
 )
+# The same two heads on the wire, for the one-call parsers (issue 13): what the client protocol frames.
+REQUEST_BYTES = (
+    b"GET /products/42?ref=home HTTP/1.1\r\n"
+    + b"".join(b"%s: %s\r\n" % field for field in BROWSER_REQUEST)
+    + b"X-Request-ID: 7f3c2a9e-5b1d-4c8e-9a2f-1e6d3b8c4a70\r\n\r\n"
+)
+PARSE_REQUEST_ARGS = (REQUEST_BYTES, 0, len(REQUEST_BYTES), b"203.0.113.7", b"https", b"443", False, b"w1", 4242,
+                      b"shop.example.com:443", 8192, 16384, 100)
+RESPONSE_BYTES = b"HTTP/1.1 200 OK\r\n" + b"".join(b"%s: %s\r\n" % field for field in RESPONSE_ARGS[2]) + b"\r\n"
+PARSE_RESPONSE_ARGS = (RESPONSE_BYTES, 0, len(RESPONSE_BYTES), False, True, False, 65536, 400)
 KEY = b"203.0.113.7:51514/cart/checkout"  # 32 bytes
 SERVERS = [b"10.0.1.%d:8080" % i for i in range(1, 11)]
 WEIGHTS = [1] * 10
@@ -81,10 +91,13 @@ def cases(core):
     table = core.maglev_table(SERVERS, WEIGHTS, SIZE)
     key_hash = core.hash64(KEY)
     request_head, response_head, hash64 = core.request_head, core.response_head, core.hash64
+    parse_request, parse_response = core.parse_request, core.parse_response
     maglev_table, maglev_lookup = core.maglev_table, core.maglev_lookup
     return {
         "request_head (13 fields, ~700 B)": lambda: request_head(*REQUEST_ARGS),
         "response_head (8 fields)": lambda: response_head(*RESPONSE_ARGS),
+        f"parse_request (raw, {len(REQUEST_BYTES)} B)": lambda: parse_request(*PARSE_REQUEST_ARGS),
+        f"parse_response (raw, {len(RESPONSE_BYTES)} B)": lambda: parse_response(*PARSE_RESPONSE_ARGS),
         "hash64 (32 B)": lambda: hash64(KEY),
         "maglev_table (10 servers, 65537)": lambda: maglev_table(SERVERS, WEIGHTS, SIZE),
         "maglev_lookup": lambda: maglev_lookup(table, key_hash),
