@@ -11,7 +11,7 @@ import os
 from setuptools import Extension, setup
 
 # Pure-Python-mode modules compiled through their X_c.py symlink and X_c.pxd.
-PURE_MODE = ["fastlb.lb.backend_c", "fastlb.lb.balance_c"]
+PURE_MODE = ["fastlb.http.framing_c", "fastlb.http.protocol_c", "fastlb.lb.backend_c", "fastlb.lb.balance_c"]
 
 ext_modules = []
 if os.environ.get("FASTLB_NO_EXTENSIONS") != "1":

@@ -99,16 +99,10 @@ class FaultyBackend:
         self.sock.close()
 
 
-# The hang: `_connected` (http/upstream.py, and http/protocol_py.py of the data-path rewrite) writes
-# the request on a connection that closed between connect() and that callback: RuntimeError on the
-# closed handle, and the exchange waits for response_timeout.  The fix belongs to the rewrite;
-# strict, so this mark must go with it.  A reset hits the same window far more rarely (a reset that
-# arrives before the connect completes fails the connect, which is handled), so it is not strict.
-_HANG = {
-    "close_on_accept": pytest.mark.xfail(strict=True, reason="closed before _connected: hangs"),
-    "reset_on_accept": pytest.mark.xfail(strict=False, reason="reset before _connected: may hang"),
-}
-PARAMS = [pytest.param(f, marks=_HANG[f]) if f in _HANG else f for f in FAULTS]
+# close_on_accept hung before the fix in protocol_py._connected: the request was written on a
+# connection that closed between connect() and that callback, and the exchange waited for
+# response_timeout (issue 14's flake, item 16).
+PARAMS = FAULTS
 
 
 @pytest.fixture

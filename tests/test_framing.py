@@ -1,9 +1,9 @@
-"""http/framing.py: where a request may begin, and where a chunked request body ends on the wire.
+"""http/framing: where a request may begin, and where a chunked body ends on the wire and what it carries.
 
-The worker feeds llhttp no further than the end ChunkedBody finds, so the two must agree on every body
-llhttp accepts (or ChunkedBody must refuse it): checked against llhttp itself, byte by byte.  The
-request-start rule is tested through the real server by the corpus (tests/test_hardening.py); here only
-its offset arithmetic.
+llhttp is the oracle: on every body llhttp accepts, ChunkedBody must end the body at the same byte and
+decode the same payload, or refuse it (checked byte by byte).  The request-start rule is tested through
+the real server by the corpus (tests/test_hardening.py); here only its offset arithmetic.  Runs against
+the compiled module and the uncompiled source alike (whichever the build provides).
 """
 
 import httptools
@@ -32,7 +32,8 @@ HEAD = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
         (b"GET / HTTP/1.1\n", 400),
         (b"GET  / HTTP/1.1\r\n", 400),
         (b"GET / HTTP/1.1 \r\n", 400),
-        (b"GET /\r\n", 505),
+        (b"GET /\r\n", 400),  # one separator: a missing version or target is a 400 (RFC 9112 §3)
+        (b"GET\t/ HTTP/1.1\r\n", 400),
         (b"PRI * HTTP/2.0\r\n", 505),
         (b"PRI / HTTP/2.0\r\n", 505),
         (b"PRI * HTTP/1.1\r\n", 0),  # llhttp refuses it (400): PRI is only the h2 preface's method
@@ -43,19 +44,25 @@ def test_request_start_problem_at_any_offset(line, status, prefix):
     assert request_start_problem(prefix + line, len(prefix)) == status
 
 
-def scan_split(data: bytes, cuts) -> int:
-    """Scan `data` delivered as reads cut at `cuts`; the end offset in `data`, or MORE / BAD."""
-    body = ChunkedBody()
+def scan_payload(data: bytes, cuts) -> tuple[int, bytes]:
+    """Scan `data` delivered as reads cut at `cuts`: the end offset in `data` (or MORE / BAD), and the
+    payload decoded up to there."""
+    body = ChunkedBody(16384)
+    out = []
     start = 0
     for cut in sorted(set(cuts)) + [len(data)]:
         piece = data[start:cut]
-        end = body.scan(piece, 0)
+        end = body.scan(piece, 0, len(piece), out)
         if end == BAD:
-            return BAD
+            return BAD, b"".join(out)
         if end >= 0:
-            return start + end
+            return start + end, b"".join(out)
         start = cut
-    return MORE
+    return MORE, b"".join(out)
+
+
+def scan_split(data: bytes, cuts) -> int:
+    return scan_payload(data, cuts)[0]
 
 
 @pytest.mark.parametrize(
@@ -89,6 +96,12 @@ def test_valid_bodies_end_exactly(body):
         b"0\r\n\r\r",
         b"1" + b"0" * 16 + b"\r\n",  # 2**64: over 2**63 - 1
         b"1;" + b"e" * 4096 + b"\r\n",  # 4,097 bytes of extensions
+        b"5x\r\nhello\r\n0\r\n\r\n",  # an extension must begin with ';' (RFC 9112 §7.1.1)
+        b"5;a\x01\r\nhello\r\n0\r\n\r\n",  # control character in an extension
+        b"0\r\n X: y\r\n\r\n",  # obs-fold in the trailer section (RFC 9112 §5.2)
+        b"0\r\nBad Name: x\r\n\r\n",  # a trailer field name is a token
+        b"0\r\nX : y\r\n\r\n",
+        b"0\r\nX: " + b"y" * 16384 + b"\r\n\r\n",  # over the trailer budget
     ],
 )
 def test_malformed_framing_is_bad(body):
@@ -104,14 +117,24 @@ def test_extension_budget_is_per_body():
 
 
 def test_largest_size_is_accepted_and_then_counted():
-    body = ChunkedBody()
-    assert body.scan(b"7" + b"f" * 15 + b"\r\nabc", 0) == MORE  # 2**63 - 1 bytes announced
+    body = ChunkedBody(100)
+    out = []
+    data = b"7" + b"f" * 15 + b"\r\nabc"
+    assert body.scan(data, 0, len(data), out) == MORE  # 2**63 - 1 bytes announced
+    assert out == [b"abc"]
 
 
 def test_scan_after_the_end_returns_start():
-    body = ChunkedBody()
-    assert body.scan(b"0\r\n\r\nGET", 0) == 5
-    assert body.scan(b"GET", 1) == 1
+    body = ChunkedBody(100)
+    assert body.scan(b"0\r\n\r\nGET", 0, 8, []) == 5
+    assert body.scan(b"GET", 1, 3, []) == 1
+
+
+def test_scan_stops_at_end_not_at_the_buffer_end():
+    body = ChunkedBody(100)
+    out = []
+    assert body.scan(b"XX5\r\nhelloYY", 2, 8, out) == MORE
+    assert out == [b"hel"]
 
 
 # --- against llhttp ------------------------------------------------------------------------------
@@ -120,14 +143,18 @@ def test_scan_after_the_end_returns_start():
 class _Events:
     def __init__(self):
         self.complete = False
+        self.body = []
+
+    def on_body(self, data):
+        self.body.append(data)
 
     def on_message_complete(self):
         self.complete = True
 
 
-def llhttp_end(body: bytes):
+def llhttp_parse(body: bytes):
     """Where llhttp completes the message in `body` (fed byte by byte), or None if it refuses or
-    needs more."""
+    needs more; and the payload it decoded."""
     events = _Events()
     parser = httptools.HttpRequestParser(events)
     try:
@@ -135,10 +162,14 @@ def llhttp_end(body: bytes):
         for i in range(len(body)):
             parser.feed_data(body[i:i + 1])
             if events.complete:
-                return i + 1
+                return i + 1, b"".join(events.body)
     except httptools.HttpParserError:
-        return None
-    return None
+        return None, None
+    return None, None
+
+
+def llhttp_end(body: bytes):
+    return llhttp_parse(body)[0]
 
 
 def serialize(chunks, trailers) -> bytes:
@@ -165,8 +196,9 @@ SETTINGS = settings(max_examples=300, deadline=None)
 @given(chunks=chunks, trailers=trailers, cuts=st.lists(st.integers(0, 400), max_size=6), rest=st.binary(max_size=8))
 def test_valid_bodies_agree_with_llhttp_for_any_split(chunks, trailers, cuts, rest):
     body = serialize(chunks, trailers)
-    assert llhttp_end(body) == len(body)
-    assert scan_split(body + rest, [c for c in cuts if c <= len(body) + len(rest)]) == len(body)
+    assert llhttp_parse(body) == (len(body), b"".join(data for data, _, _ in chunks))
+    end, payload = scan_payload(body + rest, [c for c in cuts if c <= len(body) + len(rest)])
+    assert (end, payload) == (len(body), b"".join(data for data, _, _ in chunks))
 
 
 @st.composite
@@ -190,8 +222,8 @@ def mutated_bodies(draw):
 def test_mutated_bodies_never_end_elsewhere_than_llhttp_says(body):
     """Where llhttp accepts a body, ChunkedBody ends it at the same byte or refuses it: never a
     different boundary (that would be a desync: bytes one parser reads as body, the other as a request)."""
-    ours = scan_split(body, [])
-    theirs = llhttp_end(body)
-    if theirs is not None:
-        assert ours in (theirs, BAD)
-    assert scan_split(body, range(0, len(body), 3)) == ours
+    ours, payload = scan_payload(body, [])
+    theirs, their_payload = llhttp_parse(body)
+    if theirs is not None and ours != BAD:
+        assert (ours, payload) == (theirs, their_payload)
+    assert scan_payload(body, range(0, len(body), 3)) == (ours, payload)

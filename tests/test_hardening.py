@@ -1136,8 +1136,10 @@ def pipelined(draw):
     """Two to five valid keep-alive requests, and where the client's writes cut them."""
     out = b""
     for i in range(draw(st.integers(2, 5))):
-        method = draw(st.sampled_from([b"GET", b"POST", b"PUT", b"DELETE"]))
         framing, body = draw(st.sampled_from(VALID_FRAMINGS))
+        # A body on GET is refused (chunked) or closes the connection (Content-Length): issue 14's
+        # ambiguous-request rule, tested in the corpus. Here only methods that carry bodies carry them.
+        method = draw(st.sampled_from([b"POST", b"PUT"] if framing else [b"GET", b"POST", b"PUT", b"DELETE"]))
         fields = [HOST.strip()] + ([framing] if framing else []) + draw(st.lists(st.sampled_from(BENIGN), max_size=2))
         out += b"%s /p%d HTTP/1.1\r\n" % (method, i) + b"".join(f + b"\r\n" for f in fields) + b"\r\n" + body
     cuts = draw(st.lists(st.integers(1, len(out) - 1), max_size=8))

@@ -17,7 +17,7 @@ import weakref
 from email.utils import formatdate
 from time import monotonic
 
-from fastlb.http.client import ClientConnection
+from fastlb.http.protocol import ClientConnection
 from fastlb.lb.backend import build_backends
 from fastlb.lb.router import Route, Router
 from fastlb.obs import metrics
@@ -86,21 +86,24 @@ class Worker:
         self.iso_time = ""
         self._trusted = [ipaddress.ip_network(n, strict=False) for n in cfg.server.trusted_proxies]
         self.connections: set[ClientConnection] = set()
-        self.awaiting: set = set()      # upstream connections waiting for a response head
         self.draining = False
         self.loop = None
         self.servers = []
+        # The clock as of the current loop callback: the data path reads it once per read and stores
+        # it here, the tick refreshes it, so nothing else per request needs a clock read.
         self.now = time.monotonic()
         self._second = 0
         self.date = b""
-        self._rid_prefix = os.urandom(6).hex().encode()
-        self._rid = 0
+        # Request ids are rid_prefix-<rid in hex>; core.parse_request formats one only for a request
+        # that did not bring its own X-Request-ID.
+        self.rid_prefix = os.urandom(6).hex().encode()
+        self.rid = 0
         self._update_clock()
 
     # -- per-request helpers ----------------------------------------------------------------------
     def next_request_id(self) -> bytes:
-        self._rid += 1
-        return b"%s-%x" % (self._rid_prefix, self._rid)
+        self.rid += 1
+        return b"%s-%x" % (self.rid_prefix, self.rid)
 
     def is_trusted(self, ip: str) -> bool:
         if not self._trusted:
@@ -197,8 +200,8 @@ class Worker:
             conn.on_deadline()
         for conn in [c for c in self.connections if c.send_deadline and c.send_deadline < now]:
             conn.abort()  # send_timeout: the client stopped reading what we send
-        for conn in [c for c in self.awaiting if c.deadline < now]:
-            conn.timed_out()
+        for conn in [c for c in self.connections if c.active is not None]:
+            conn.upstream_deadline(now)  # response_timeout
         self._publish_gauges()
         for backend in self.backends.values():
             timeout = backend.spec.idle_timeout

@@ -1,0 +1,1 @@
+framing_py.py

@@ -1,0 +1,114 @@
+# Augments protocol_py.py (through the protocol_c.py symlink) when Cython compiles it: the three
+# protocol objects as typed cdef classes, their per-request methods as C calls.
+cimport cython
+
+from fastlb.http.framing_c cimport ChunkedBody
+
+cdef bint _DEBUG
+cdef int _F_CHUNKED, _F_CONN_CLOSE, _F_CONN_KEEPALIVE, _F_NO_BODY, _F_UNTIL_CLOSE, _F_UPGRADE
+cdef int _F_HTTP10, _F_AMBIGUOUS
+cdef object _parse_request, _parse_response, _ChunkedBody, _request_start_problem
+cdef Py_ssize_t _CHUNKED_BAD
+cdef int C_HEAD, C_BODY, C_CHUNKED, C_HELD, C_TUNNEL, C_DONE, C_CLOSED
+cdef int X_NEW, X_WAITING, X_CONNECTING, X_SENT, X_STREAMING, X_DONE
+cdef int U_IDLE, U_HEAD, U_LENGTH, U_CHUNKED, U_UNTIL_CLOSE, U_TUNNEL, U_CLOSED
+cdef int PAUSE_UPSTREAM, PAUSE_BODY, PAUSE_PIPELINE, PAUSE_UPGRADE, PAUSE_FAILED
+cdef frozenset _IDEMPOTENT
+cdef bytes _CHUNK_END, _HEAD_END
+cdef Py_ssize_t _BODY_BUFFER_CAP, _RESPONSE_HEAD_FACTOR
+cdef int _IDLE, _HEADER, _BODY
+
+cdef bint _bare_cr_or_lf(bytearray buf, Py_ssize_t start) except -1
+cdef bytes _chunk(list payload)
+
+cdef class Exchange
+cdef class UpstreamConnection
+
+
+@cython.final
+cdef class ClientConnection:
+    cdef object __weakref__
+    cdef public object worker, listener, transport
+    cdef public int state
+    cdef public bytes client_ip
+    cdef public bint trust_xff
+    cdef bytearray pending
+    cdef bint checked
+    cdef long long body_left
+    cdef ChunkedBody chunked
+    cdef public Exchange incoming, active
+    cdef public object queue
+    cdef public int paused
+    cdef public bint write_paused
+    cdef public double deadline, send_deadline
+    cdef public int deadline_kind
+    cdef public object held, tunnel, tls_version, handshake
+    cdef public int failed
+
+    cdef void _to(self, int state) except *
+    cdef void _partial_head(self, bytes data, Py_ssize_t pos, double now) except *
+    cdef Py_ssize_t _head_end(self, bytearray pending, bytes data) except -2
+    cdef bint _request(self, bytes data, Py_ssize_t start, Py_ssize_t stop, double now) except -1
+    cdef bint _body(self, bytes data, Py_ssize_t size, double now) except -1
+    cdef void _request_read(self) except *
+    cpdef void fail(self, int status) except *
+    cpdef void close(self) except *
+    cpdef void abort(self) except *
+    cpdef void pause(self, int reason) except *
+    cpdef void resume(self, int reason) except *
+    cpdef void exchange_done(self, Exchange ex) except *
+    cdef void start_tunnel(self, Exchange ex, UpstreamConnection conn) except *
+
+
+@cython.final
+@cython.freelist(64)
+cdef class Exchange:
+    cdef public ClientConnection client
+    cdef public int state
+    cdef public bytes method, head, request_id
+    cdef public int flags
+    cdef public object route, backend
+    cdef public bint keep_alive, chunk_ok, is_head
+    cdef public object server, last_server
+    cdef public tuple tried
+    cdef public UpstreamConnection upstream
+    cdef public list body
+    cdef public Py_ssize_t body_size
+    cdef public bint body_sent
+    cdef public object key
+    cdef public double queued_at, t0, upstream_time
+    cdef public int status, attempts
+    cdef public object host, target
+    cdef public long long bytes_in, bytes_out, body_received
+
+    cdef void _to(self, int state) except *
+    cpdef void start(self) except *
+    cpdef void try_next(self) except *
+    cdef void use(self, object server, bint pooled) except *
+    cpdef void release_server(self) except *
+    cpdef void upstream_failed(self, object server, str kind, bint sent, bint stale=*) except *
+    cdef void forward(self, bytes data) except *
+    cpdef void respond_local(self, int status) except *
+    cdef void response_done(self, double now) except *
+
+
+@cython.final
+cdef class UpstreamConnection:
+    cdef public object worker, server, transport
+    cdef public int state
+    cdef public Exchange ex
+    cdef bytearray pending
+    cdef long long body_left
+    cdef ChunkedBody chunked
+    cdef bint got_bytes, keep, down_chunked, reused
+    cdef public double deadline, idle_since, sent_at
+    cdef public ClientConnection tunnel
+
+    cdef void _to(self, int state) except *
+    cpdef void attach(self, Exchange ex, bint reused) except *
+    cdef bint _head(self, bytes data, Py_ssize_t start, Py_ssize_t stop, list out) except -1
+    cdef void _flush(self, list out) except *
+    cdef void _complete(self, list out, bint dirty) except *
+    cdef void _fail_response(self, str kind) except *
+    cdef void _start_tunnel(self, Exchange ex) except *
+    cpdef void timed_out(self) except *

@@ -1,0 +1,268 @@
+"""The data path in process: the protocol objects driven with fake transports, no subprocess, no socket.
+
+As uvicorn's tests/protocols/test_http.py does: a real Worker (router, backends, metrics area) is built
+from a config, a ClientConnection gets a fake transport, and the "backend" is a fake transport under an
+UpstreamConnection taken from the server's idle pool; h11 reads what goes upstream and answers it.  So
+the whole corpus runs byte by byte in milliseconds, against the uncompiled source (protocol_py) and, in
+the compiled build, against protocol_c too: the same behaviour is required of both.
+"""
+
+import importlib
+import logging
+import os
+
+import h11
+import pytest
+from corpus import load, split
+from test_hardening import parse_response
+
+from fastlb import config, core
+from fastlb.obs import metrics
+from fastlb.process import shm as shm_mod
+from fastlb.process.worker import Worker
+
+MODULES = ["fastlb.http.protocol_py"] + (["fastlb.http.protocol_c"] if core.EXTENSION else [])
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+@pytest.fixture(params=MODULES)
+def protocol(request):
+    return importlib.import_module(request.param)
+
+
+class FakeTransport:
+    def __init__(self, protocol=None):
+        self.protocol = protocol
+        self.out = bytearray()
+        self.closing = False
+        self.aborted = False
+        self.reading = True
+        self.lost = False
+        self.total = 0  # bytes ever written
+
+    def write(self, data):
+        assert not self.closing, f"write after close: {bytes(data)[:80]!r}"
+        self.out += data
+        self.total += len(data)
+
+    def close(self):
+        self.closing = True
+
+    def abort(self):
+        self.closing = self.aborted = True
+
+    def is_closing(self):
+        return self.closing
+
+    def pause_reading(self):
+        self.reading = False
+
+    def resume_reading(self):
+        self.reading = True
+
+    def get_extra_info(self, name, default=None):
+        return {"peername": ("127.0.0.1", 40000)}.get(name, default)
+
+    def take(self) -> bytes:
+        data = bytes(self.out)
+        self.out.clear()
+        return data
+
+
+class Harness:
+    """One client connection to a worker whose only backend answers through fake upstream transports."""
+
+    def __init__(self, protocol, env=None):
+        cfg = config.load(None, {"FASTLB_BACKENDS": "127.0.0.1:9", **(env or {})}, {}, [])
+        layout = metrics.Layout()
+        layout.extend(cfg, [])
+        self.store = metrics.Store()
+        shm = shm_mod.SharedBlock(2)
+        sockets = [(spec, None) for spec in cfg.listeners]
+        self.worker = Worker(cfg, 0, sockets, {}, shm, os.getpid(), logging.getLogger("test"), layout,
+                             self.store.area(0))
+        self.protocol = protocol
+        self.server = next(iter(self.worker.backends.values())).servers[0]
+        self.upstreams = []   # (UpstreamConnection, FakeTransport, h11 server Connection)
+        self.forwarded = []   # (method, target, headers, body) as h11 reads them upstream
+        self.current = {}     # UpstreamConnection -> the request h11 is reading on it
+        self.respond = lambda request: OK
+        self.client, self.transport = self.connect()
+
+    def connect(self):
+        client = self.protocol.ClientConnection(self.worker, self.worker.listeners[0])
+        transport = FakeTransport(client)
+        client.connection_made(transport)
+        return client, transport
+
+    def _spare(self) -> None:
+        if not any(not conn.transport.is_closing() for conn in self.server.idle):
+            conn = self.protocol.UpstreamConnection(self.worker, self.server)
+            transport = FakeTransport(conn)
+            conn.connection_made(transport)
+            self.server.idle.append(conn)
+            self.upstreams.append((conn, transport, h11.Connection(h11.SERVER)))
+
+    def feed(self, data: bytes) -> None:
+        self._spare()
+        self.client.data_received(data)
+        self.pump()
+
+    def pump(self) -> None:
+        """Answer every request that arrived upstream; deliver the connection losses transports owe."""
+        busy = True
+        while busy:
+            busy = False
+            for conn, transport, parser in list(self.upstreams):
+                data = transport.take()
+                if data:
+                    parser.receive_data(data)
+                while True:
+                    try:
+                        event = parser.next_event()
+                    except h11.RemoteProtocolError:
+                        break
+                    if event is h11.NEED_DATA or event is h11.PAUSED:
+                        break
+                    if isinstance(event, h11.Request):
+                        self.current[conn] = [event.method, event.target, event.headers, b""]
+                    elif isinstance(event, h11.Data):
+                        self.current[conn][3] += event.data
+                    elif isinstance(event, h11.EndOfMessage):
+                        # A backend acts on whole requests only (as tests/backend.py records them).
+                        current = self.current.pop(conn)
+                        self.forwarded.append(current)
+                        self._spare()
+                        answer = self.respond(current)
+                        if conn.ex is not None and answer:
+                            conn.data_received(answer)
+                        # h11 only keeps the state: what the proxy got is `answer`.
+                        parser.send(h11.Response(status_code=200, headers=[("Content-Length", "0")]))
+                        parser.send(h11.EndOfMessage())
+                        if parser.our_state is h11.DONE and parser.their_state is h11.DONE:
+                            parser.start_next_cycle()
+                        busy = True
+                if transport.closing and not transport.lost:
+                    transport.lost = True
+                    conn.connection_lost(None)
+                    busy = True
+            if self.transport.closing and not self.transport.lost:
+                self.transport.lost = True
+                self.client.connection_lost(None)
+
+    def responses(self, no_body=()) -> list:
+        buf = bytes(self.transport.out)
+        out = []
+        while buf:
+            got = parse_response(buf, len(out) in no_body, self.transport.closing)
+            if got is None:
+                break
+            resp, used = got
+            buf = buf[used:]
+            if not resp.interim:
+                out.append(resp)
+        return out
+
+
+def _summary(forwarded) -> list:
+    import hashlib
+
+    return [(m.decode(), t.decode("latin-1"), len(b), hashlib.sha256(b).hexdigest()[:16])
+            for m, t, _, b in forwarded]
+
+
+@pytest.mark.parametrize("mode", ["whole", "bytes"])
+@pytest.mark.parametrize("case", load("valid") + load("invalid"), ids=str)
+def test_corpus_in_process(protocol, case, mode):
+    h = Harness(protocol)
+    for piece in split(case.data, mode):
+        if h.transport.closing:
+            break
+        h.feed(piece)
+    context = f"{case} sent {mode} ({case.expect['why']})"
+    statuses = [r.status for r in h.responses(set(case.no_body))]
+    assert statuses == case.responses, f"{context}: {bytes(h.transport.out)[:600]!r}"
+    assert h.transport.closing == case.close, f"{context}: closed={h.transport.closing}"
+    want = [(e["method"], e["target"], e["body_len"], e["body_sha256"][:16]) for e in case.forwarded]
+    assert _summary(h.forwarded) == want, context
+
+
+def test_keep_alive_reuses_the_upstream_connection(protocol):
+    h = Harness(protocol)
+    for _ in range(3):
+        h.feed(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert [r.status for r in h.responses()] == [200, 200, 200]
+    assert len([t for _, t, _ in h.upstreams if t.total]) == 1 and not h.transport.closing
+
+
+def test_response_framings_reach_the_client_reframed(protocol):
+    bodies = {
+        b"/cl": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+        b"/chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2;x=y\r\nhe\r\n3\r\nllo\r\n0\r\nT: 1\r\n\r\n",
+        b"/interim": b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+    }
+    h = Harness(protocol)
+    h.respond = lambda request: bodies[request[1]]
+    for target in bodies:
+        h.feed(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % target)
+    responses = h.responses()
+    assert [(r.status, r.body) for r in responses] == [(200, b"hello")] * 3
+    assert b"103 Early Hints" in h.transport.out
+
+
+def test_response_split_at_every_byte(protocol):
+    response = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    for cut in range(1, len(response)):
+        h = Harness(protocol)
+        h.respond = lambda request, cut=cut: b""
+        h.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        conn = h.upstreams[0][0]
+        conn.data_received(response[:cut])
+        conn.data_received(response[cut:])
+        (resp,) = h.responses()
+        assert (resp.status, resp.body) == (200, b"hello"), cut
+        assert conn in h.server.idle  # clean end: pooled again
+
+
+def test_malformed_request_after_a_refused_upgrade_is_400_not_500(protocol):
+    """The old data path classified parser errors through exc.__context__, which Python replaces when
+    the parser raises inside an except block: after an Upgrade the backend refused, a malformed byte was
+    logged as a bug and answered 500.  Framing errors are now return values, never exceptions."""
+    h = Harness(protocol)
+    h.feed(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n")
+    h.feed(b"GET / HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n")
+    assert [r.status for r in h.responses()] == [200, 400]
+    assert h.transport.closing
+
+
+def test_backend_early_answer_closes_that_upstream_connection(protocol):
+    h = Harness(protocol)
+    h.respond = lambda request: OK
+    h.feed(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n12345")
+    conn, transport, _ = h.upstreams[0]
+    conn.data_received(OK)
+    h.pump()
+    h.feed(b"67890")
+    assert [r.status for r in h.responses()] == [200]
+    assert transport.closing and conn not in h.server.idle
+
+
+def test_upstream_death_mid_body_aborts_the_client(protocol):
+    h = Harness(protocol)
+    h.respond = lambda request: b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12345"
+    h.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    conn, transport, _ = h.upstreams[0]
+    transport.abort()
+    h.pump()
+    assert h.transport.aborted
+
+
+def test_debug_build_checks_transitions(protocol, monkeypatch):
+    if protocol.__name__.endswith("_c"):
+        pytest.skip("the compiled module reads FASTLB_DEBUG at import; the uncompiled one shows the check")
+    monkeypatch.setattr(protocol, "_DEBUG", True)
+    h = Harness(protocol)
+    h.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 2)
+    assert [r.status for r in h.responses()] == [200, 200]
+    with pytest.raises(AssertionError, match="not a transition"):
+        h.client._to(protocol.C_TUNNEL)
