@@ -27,7 +27,6 @@ BACKEND_PORTS = (9101, 9102)
 ADMIN_PORT = 9900
 SMALL_BODY = b"hello world!\n"  # 13 bytes, the body of `/` on the backends
 BIG_SIZE = 64 * 1024  # size of `/big`
-REPO = Path(__file__).resolve().parent.parent
 # TLS 1.2 suites for an ECDSA certificate, identical for nginx and HAProxy; TLS 1.3 suites stay OpenSSL's defaults.
 TLS12_CIPHERS = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305"
 # Enough for the idle scenario (2,000 client connections + upstream ones) in every proxy.
@@ -330,9 +329,11 @@ class Fastlb(Service):
             FASTLB_TLS_KEY=str(self.key),
             FASTLB_BACKENDS=",".join(f"{HOST}:{p}" for p in BACKEND_PORTS),
             FASTLB_ADMIN_LISTEN=f"{HOST}:{ADMIN_PORT}",
-            # Importable from the checkout even without `pip install -e .`.
-            PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
         )
+        # The fastlb that is installed (`pip install .` or `-e .`), run from a scratch directory: putting
+        # the checkout on PYTHONPATH would shadow a non-editable install with sources that have no
+        # compiled extension ("No module named 'fastlb._core'").
+        env.pop("PYTHONPATH", None)
         return env
 
 
