@@ -14,6 +14,13 @@ if os.environ.get("FASTLB_NO_EXTENSIONS") == "1":
         request_start_problem,
     )
 else:
+    from fastlb.http import framing_c
+
+    # framing_c.py is a symlink to the source: without the built extension it would import as plain
+    # Python, silently several times slower.
+    if not framing_c.__file__.endswith(".so"):
+        raise ImportError(f"fastlb.http.framing_c is not compiled ({framing_c.__file__}): build the "
+                          "extension (python setup.py build_ext --inplace) or set FASTLB_NO_EXTENSIONS=1")
     from fastlb.http.framing_c import (  # type: ignore[no-redef]
         CHUNK_EXTENSIONS_MAX,
         CHUNKED_BAD,

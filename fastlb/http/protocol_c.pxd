@@ -3,6 +3,9 @@
 cimport cython
 
 from fastlb.http.framing_c cimport ChunkedBody
+from fastlb.lb.backend_c cimport Backend, Server
+from fastlb.lb.balance_c cimport Balancer
+from fastlb.lb.router_c cimport Route, Router
 
 cdef bint _DEBUG
 cdef int _F_CHUNKED, _F_CONN_CLOSE, _F_CONN_KEEPALIVE, _F_NO_BODY, _F_UNTIL_CLOSE, _F_UPGRADE
@@ -20,15 +23,39 @@ cdef int _IDLE, _HEADER, _BODY
 
 cdef bint _bare_cr_or_lf(bytearray buf, Py_ssize_t start) except -1
 cdef bytes _chunk(list payload)
+cdef tuple _BUCKETS
+cdef Py_ssize_t _HIST_SUM
+@cython.locals(bound=double, i=Py_ssize_t)
+cdef void _observe(double[:] area, Py_ssize_t base, double seconds) noexcept
 
 cdef class Exchange
 cdef class UpstreamConnection
 
 
 @cython.final
+cdef class Shared:
+    cdef public long long max_connections, max_request_line, max_header_bytes, max_headers
+    cdef public long long max_body_bytes
+    cdef public double header_timeout, body_timeout, idle_timeout, send_timeout
+    cdef public Router router
+    cdef public Route no_route
+    cdef public object access_log
+    cdef public bytes rid_prefix
+    cdef public long long rid
+    cdef public double now
+    cdef public bytes date
+    cdef public str iso_time
+    cdef public bint draining
+
+    cpdef bytes next_request_id(self)
+
+
+@cython.final
 cdef class ClientConnection:
     cdef object __weakref__
     cdef public object worker, listener, transport
+    cdef public Shared shared
+    cdef double[:] area
     cdef public int state
     cdef public bytes client_ip
     cdef public bint trust_xff
@@ -47,9 +74,13 @@ cdef class ClientConnection:
 
     cdef void _to(self, int state) except *
     cdef void _partial_head(self, bytes data, Py_ssize_t pos, double now) except *
+    @cython.locals(shared=Shared)
     cdef Py_ssize_t _head_end(self, bytearray pending, bytes data) except -2
+    @cython.locals(shared=Shared, ex=Exchange, route=Route)
     cdef bint _request(self, bytes data, Py_ssize_t start, Py_ssize_t stop, double now) except -1
+    @cython.locals(ex=Exchange)
     cdef bint _body(self, bytes data, Py_ssize_t size, double now) except -1
+    @cython.locals(ex=Exchange)
     cdef void _request_read(self) except *
     cpdef void fail(self, int status) except *
     cpdef void close(self) except *
@@ -67,9 +98,10 @@ cdef class Exchange:
     cdef public int state
     cdef public bytes method, head, request_id
     cdef public int flags
-    cdef public object route, backend
+    cdef public Route route
+    cdef public Backend backend
     cdef public bint keep_alive, chunk_ok, is_head
-    cdef public object server, last_server
+    cdef public Server server, last_server
     cdef public tuple tried
     cdef public UpstreamConnection upstream
     cdef public list body
@@ -83,18 +115,23 @@ cdef class Exchange:
 
     cdef void _to(self, int state) except *
     cpdef void start(self) except *
+    @cython.locals(balancer=Balancer, server=Server)
     cpdef void try_next(self) except *
-    cdef void use(self, object server, bint pooled) except *
+    cdef void use(self, Server server, bint pooled) except *
+    @cython.locals(server=Server)
     cpdef void release_server(self) except *
-    cpdef void upstream_failed(self, object server, str kind, bint sent, bint stale=*) except *
+    cpdef void upstream_failed(self, Server server, str kind, bint sent, bint stale=*) except *
     cdef void forward(self, bytes data) except *
     cpdef void respond_local(self, int status) except *
+    @cython.locals(route=Route, client=ClientConnection, shared=Shared)
     cdef void response_done(self, double now) except *
 
 
 @cython.final
 cdef class UpstreamConnection:
-    cdef public object worker, server, transport
+    cdef public object worker, transport
+    cdef public Shared shared
+    cdef public Server server
     cdef public int state
     cdef public Exchange ex
     cdef bytearray pending
@@ -106,6 +143,7 @@ cdef class UpstreamConnection:
 
     cdef void _to(self, int state) except *
     cpdef void attach(self, Exchange ex, bint reused) except *
+    @cython.locals(server=Server, shared=Shared)
     cdef bint _head(self, bytes data, Py_ssize_t start, Py_ssize_t stop, list out) except -1
     cdef void _flush(self, list out) except *
     cdef void _complete(self, list out, bint dirty) except *

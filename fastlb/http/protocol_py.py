@@ -48,7 +48,7 @@ from fastlb.http import framing
 from fastlb.http.errors import error_response, redirect_response
 from fastlb.lb.router import InvalidHost
 from fastlb.obs.accesslog import record
-from fastlb.obs.metrics import observe
+from fastlb.obs.metrics import BUCKETS, HIST_SUM
 
 # Verify every state transition (uvloop's sslproto does the same in its debug build).
 _DEBUG = os.environ.get("FASTLB_DEBUG") == "1"
@@ -66,6 +66,8 @@ _parse_response = core.parse_response
 _ChunkedBody = framing.ChunkedBody
 _request_start_problem = framing.request_start_problem
 _CHUNKED_BAD = framing.CHUNKED_BAD
+_BUCKETS = BUCKETS
+_HIST_SUM = HIST_SUM
 
 # ClientConnection.state
 C_HEAD = 0      # the next byte begins a request head
@@ -121,6 +123,18 @@ _UPSTREAM_NEXT = {
 }
 
 
+def _observe(area, base, seconds) -> None:
+    """One histogram observation in a worker's metrics area (obs/metrics.py lays it out): the count of
+    the first bucket whose bound is >= seconds, non-cumulative (cumulated on scrape), and the sum."""
+    i = 0
+    for bound in _BUCKETS:
+        if seconds <= bound:
+            break
+        i += 1
+    area[base + i] += 1.0
+    area[base + _HIST_SUM] += seconds
+
+
 def _check(table, old, new) -> None:
     if new not in table[old]:
         raise AssertionError(f"state {old} -> {new} is not a transition of this machine")
@@ -172,11 +186,45 @@ def _chunk(payload: list) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
+class Shared:
+    """What every request of one worker reads: the limits, the clock, the Date header, the request-id
+    counter, the router.  Typed fields, built once per worker (process/worker.py keeps it current), so a
+    request reads them from a struct, not through the attributes of Python objects."""
+
+    def __init__(self, limits, router, no_route, rid_prefix, access_log):
+        self.max_connections = limits.max_connections
+        self.max_request_line = limits.max_request_line
+        self.max_header_bytes = limits.max_header_bytes
+        self.max_headers = limits.max_headers
+        self.max_body_bytes = limits.max_body_bytes
+        self.header_timeout = limits.header_timeout
+        self.body_timeout = limits.body_timeout
+        self.idle_timeout = limits.idle_timeout
+        self.send_timeout = limits.send_timeout
+        self.router = router
+        self.no_route = no_route
+        self.access_log = access_log
+        self.rid_prefix = rid_prefix
+        self.rid = 0
+        # The clock as of the current loop callback: the data path reads it once per read and stores
+        # it here, the worker's tick refreshes it, so nothing else per request needs a clock read.
+        self.now = monotonic()
+        self.date = b""          # the Date header value, refreshed once a second by the worker
+        self.iso_time = ""       # the same second for the access log
+        self.draining = False
+
+    def next_request_id(self) -> bytes:
+        self.rid += 1
+        return b"%s-%x" % (self.rid_prefix, self.rid)
+
+
 class ClientConnection:
     """One accepted client connection (asyncio protocol), plain or TLS."""
 
     def __init__(self, worker, listener):
         self.worker = worker
+        self.shared = worker.shared
+        self.area = worker.area   # this worker's metrics (float64 series, obs/metrics.py)
         self.listener = listener
         self.transport = None
         self.state = C_HEAD
@@ -214,7 +262,7 @@ class ClientConnection:
         self.transport = transport
         worker = self.worker
         listener = self.listener
-        limit = worker.limits.max_connections
+        limit = self.shared.max_connections
         if limit and len(worker.connections) >= limit:
             # Over the per-worker cap: accepted and closed at once, so the worker stays responsive.
             self.state = C_CLOSED
@@ -237,7 +285,7 @@ class ClientConnection:
         if peer:
             self.client_ip = peer[0].encode()
             self.trust_xff = worker.is_trusted(peer[0])
-        self.deadline = monotonic() + worker.limits.header_timeout
+        self.deadline = monotonic() + self.shared.header_timeout
         self.deadline_kind = _HEADER
         worker.connections.add(self)
 
@@ -252,8 +300,7 @@ class ClientConnection:
             return
         if state >= C_DONE:
             return  # a broken stream, or one that ended: nothing more is parsed
-        worker = self.worker
-        worker.now = now = monotonic()  # the one clock read for everything this read starts
+        self.shared.now = now = monotonic()  # the one clock read for everything this read starts
         pos = 0
         end = len(data)
         pending = self.pending
@@ -314,7 +361,7 @@ class ClientConnection:
         self.checked = False
         if self.deadline_kind != _HEADER:
             # header_timeout is a total deadline for the head, counted from its first byte.
-            self.deadline = now + self.worker.limits.header_timeout
+            self.deadline = now + self.shared.header_timeout
             self.deadline_kind = _HEADER
         self._head_end(self.pending, data[pos:] if pos else data)
 
@@ -332,11 +379,11 @@ class ClientConnection:
             # refuse it now rather than at header_timeout.
             self.fail(400)
             return -1
-        limits = self.worker.limits
+        shared = self.shared
         if not self.checked:
             status = _request_start_problem(pending, 0)
             if status is None:
-                if len(pending) > limits.max_request_line:
+                if len(pending) > shared.max_request_line:
                     self.fail(414)
                     return -1
                 return -1
@@ -344,34 +391,33 @@ class ClientConnection:
                 self.fail(status)
                 return -1
             self.checked = True
-        if len(pending) > limits.max_request_line + limits.max_header_bytes:
+        if len(pending) > shared.max_request_line + shared.max_header_bytes:
             self.fail(431)
         return -1
 
     # -- 2. one head, parsed in one call -------------------------------------------------------------
     def _request(self, data: bytes, start, stop, now) -> bool:
         """Parse and start the request whose head is data[start:stop]; False if the stream stops."""
-        worker = self.worker
         listener = self.listener
-        limits = worker.limits
-        worker.rid += 1
+        shared = self.shared
+        shared.rid += 1
         status, flags, method, target, host, request_id, length, head = _parse_request(
             data, start, stop, self.client_ip, listener.proto, listener.port, self.trust_xff,
-            worker.rid_prefix, worker.rid, listener.authority, limits.max_request_line,
-            limits.max_header_bytes, limits.max_headers)
+            shared.rid_prefix, shared.rid, listener.authority, shared.max_request_line,
+            shared.max_header_bytes, shared.max_headers)
         if status and status != 417:
             self.fail(status)
             return False
-        if limits.max_body_bytes and length > limits.max_body_bytes:
+        if shared.max_body_bytes and length > shared.max_body_bytes:
             self.fail(413)  # refused before the body is read
             return False
         if listener.redirect_to_https:
             self.transport.write(redirect_response(
-                listener.https_location(host, target), request_id, worker.date, True))
+                listener.https_location(host, target), request_id, shared.date, True))
             self.close()
             return False
         try:
-            route = worker.router.match(host, b"/" if target == b"*" else target)
+            route = shared.router.match(host, b"/" if target == b"*" else target)
         except InvalidHost:
             self.fail(400)  # RFC 9112 §3.2: a Host that is not a valid uri-host[:port]
             return False
@@ -379,7 +425,7 @@ class ClientConnection:
         # HTTP/1.0 clients are closed after the response (RFC 9112 §9.3): no guessing at 1.0 keep-alive.
         # An ambiguous request (a body on GET/HEAD) closes both connections after it, as AWS's defensive
         # desync mitigation does: a backend that ignores such a body would read it as the next request.
-        ex.keep_alive = not flags & (_F_HTTP10 | _F_CONN_CLOSE | _F_AMBIGUOUS) and not worker.draining
+        ex.keep_alive = not flags & (_F_HTTP10 | _F_CONN_CLOSE | _F_AMBIGUOUS) and not shared.draining
         ex.status = status  # 417: answered by fastlb once the exchange starts
         ex.host = host
         ex.target = target
@@ -389,13 +435,13 @@ class ClientConnection:
         self.incoming = ex
         if flags & _F_CHUNKED:
             self._to(C_CHUNKED)
-            self.chunked = _ChunkedBody(limits.max_header_bytes)
+            self.chunked = _ChunkedBody(shared.max_header_bytes)
         elif length:
             self._to(C_BODY)
             self.body_left = length
         if self.state != C_HEAD:
             # body_timeout: the longest silence allowed while the request body arrives
-            self.deadline = now + limits.body_timeout
+            self.deadline = now + shared.body_timeout
             self.deadline_kind = _BODY
         else:
             self.deadline_kind = 0
@@ -415,8 +461,8 @@ class ClientConnection:
         """Request body bytes, framed for upstream: `size` of them are payload."""
         ex = self.incoming
         if self.deadline_kind == _BODY:
-            self.deadline = now + self.worker.limits.body_timeout
-        limit = self.worker.limits.max_body_bytes
+            self.deadline = now + self.shared.body_timeout
+        limit = self.shared.max_body_bytes
         ex.body_received += size
         if limit and ex.body_received > limit:
             self.fail(413)  # counted for chunked bodies (Content-Length was checked up front)
@@ -468,7 +514,7 @@ class ClientConnection:
             self.failed = status
             return
         if active is None or active.state < X_STREAMING:
-            self.transport.write(error_response(status, worker.next_request_id(), worker.date, True))
+            self.transport.write(error_response(status, self.shared.next_request_id(), self.shared.date, True))
         self.close()
 
     def close(self) -> None:
@@ -515,7 +561,7 @@ class ClientConnection:
     # -- flow control --------------------------------------------------------------------------------
     def pause_writing(self):
         self.write_paused = True
-        self.send_deadline = monotonic() + self.worker.limits.send_timeout
+        self.send_deadline = monotonic() + self.shared.send_timeout
         ex = self.active
         if ex is not None and ex.upstream is not None:
             ex.upstream.transport.pause_reading()
@@ -578,16 +624,16 @@ class ClientConnection:
             nxt.start()
             return
         self.active = None
-        worker = self.worker
+        shared = self.shared
         if self.failed:
-            self.transport.write(error_response(self.failed, worker.next_request_id(), worker.date, True))
+            self.transport.write(error_response(self.failed, shared.next_request_id(), shared.date, True))
             self.close()
             return
         if self.incoming is None:
             # While draining, a response that went out before the drain began promised keep-alive:
             # the client may already be sending its next request, which gets Connection: close.
-            # worker.now is fresh: whatever completed the exchange read the clock (see response_done).
-            self.deadline = worker.now + (DRAIN_GRACE if worker.draining else worker.limits.idle_timeout)
+            # shared.now is fresh: whatever completed the exchange read the clock (see response_done).
+            self.deadline = shared.now + (DRAIN_GRACE if shared.draining else shared.idle_timeout)
             self.deadline_kind = _IDLE
         if self.state == C_HELD:
             # The backend did not switch protocols: what was held is the next request (RFC 9110 §7.8).
@@ -659,11 +705,12 @@ class Exchange:
 
     def try_next(self) -> None:
         backend = self.backend
-        server = backend.balancer.pick(self.tried, self.key)
+        balancer = backend.balancer
+        server = balancer.pick(self.tried, self.key)
         if server is None:
             if not self.tried and backend.saturated() and len(backend.waiting) < backend.spec.max_queue:
                 # Every up server is at max_connections: wait for a slot (bounded, queue_timeout).
-                self.queued_at = self.client.worker.now
+                self.queued_at = self.client.shared.now
                 self._to(X_WAITING)
                 backend.waiting.append(self)
                 return
@@ -719,7 +766,7 @@ class Exchange:
             worker.area[self.backend.m_retries] += 1
             self.use(server, False)
             return
-        if server.failed(kind, worker.now):
+        if server.failed(kind, client.shared.now):
             worker.log.warning("%s/%s ejected after %d consecutive failures (last: %s)",
                                server.backend.name, server.name, server.backend.spec.max_fails, kind)
         if gone:
@@ -755,29 +802,29 @@ class Exchange:
     def respond_local(self, status) -> None:
         client = self.client
         self.status = status
-        close = not self.keep_alive or client.worker.draining
-        response = error_response(status, self.request_id, client.worker.date, close, self.is_head)
+        close = not self.keep_alive or client.shared.draining
+        response = error_response(status, self.request_id, client.shared.date, close, self.is_head)
         self.bytes_out += len(response)
         client.transport.write(response)
         if close:
             self.keep_alive = False
         self.body = None
-        worker = client.worker
-        worker.now = monotonic()  # a timer or a connection loss may have brought us here
-        self.response_done(worker.now)
+        shared = client.shared
+        shared.now = monotonic()  # a timer or a connection loss may have brought us here
+        self.response_done(shared.now)
 
     def response_done(self, now) -> None:
-        """now: worker.now, which the caller has just read from the clock."""
+        """now: shared.now, which the caller has just read from the clock."""
         self._to(X_DONE)
         self.release_server()
         client = self.client
-        worker = client.worker
-        route = self.route or worker.no_route
-        area = worker.area
+        shared = client.shared
+        route = self.route or shared.no_route
+        area = client.area
         area[route.m_requests[self.status // 100 - 1]] += 1
-        observe(area, route.m_duration, now - self.t0)
-        if worker.access_log is not None:
-            worker.access_log.log(record(self, now, worker.iso_time))
+        _observe(area, route.m_duration, now - self.t0)
+        if shared.access_log is not None:
+            shared.access_log.log(record(self, now, shared.iso_time))
         if client.incoming is not self:
             client.exchange_done(self)
         elif self.upstream is not None:
@@ -796,6 +843,7 @@ class UpstreamConnection:
 
     def __init__(self, worker, server):
         self.worker = worker
+        self.shared = worker.shared
         self.server = server
         self.transport = None
         self.state = U_IDLE
@@ -828,7 +876,7 @@ class UpstreamConnection:
         self._to(U_HEAD)
         ex._to(X_SENT)
         ex.upstream = self
-        self.sent_at = self.worker.now
+        self.sent_at = self.shared.now
         self.deadline = self.sent_at + ex.backend.spec.response_timeout
         client = ex.client
         if client.write_paused:
@@ -858,7 +906,7 @@ class UpstreamConnection:
             self.transport.close()
             return
         self.got_bytes = True
-        self.worker.now = monotonic()  # the one clock read for everything this read finishes
+        self.shared.now = monotonic()  # the one clock read for everything this read finishes
         out = []
         pos = 0
         end = len(data)
@@ -868,7 +916,7 @@ class UpstreamConnection:
             pending += data
             found = pending.find(_HEAD_END, before - 3 if before > 3 else 0)
             if found < 0:
-                if len(pending) > _RESPONSE_HEAD_FACTOR * self.worker.limits.max_header_bytes:
+                if len(pending) > _RESPONSE_HEAD_FACTOR * self.shared.max_header_bytes:
                     self._fail_response("invalid")
                 return
             self.pending = None
@@ -882,7 +930,7 @@ class UpstreamConnection:
                 stop = data.find(_HEAD_END, pos)
                 if stop < 0:
                     self.pending = bytearray(data[pos:] if pos else data)
-                    if len(self.pending) > _RESPONSE_HEAD_FACTOR * self.worker.limits.max_header_bytes:
+                    if len(self.pending) > _RESPONSE_HEAD_FACTOR * self.shared.max_header_bytes:
                         self._fail_response("invalid")
                         return
                     break
@@ -928,11 +976,11 @@ class UpstreamConnection:
         """Parse the response head data[start:stop]; False if the exchange ended with it."""
         ex = self.ex
         worker = self.worker
-        limits = worker.limits
-        close = not ex.keep_alive or worker.draining
+        shared = self.shared
+        close = not ex.keep_alive or shared.draining
         status, flags, length, head = _parse_response(
             data, start, stop, ex.is_head, ex.chunk_ok, close,
-            _RESPONSE_HEAD_FACTOR * limits.max_header_bytes, _RESPONSE_HEAD_FACTOR * limits.max_headers)
+            _RESPONSE_HEAD_FACTOR * shared.max_header_bytes, _RESPONSE_HEAD_FACTOR * shared.max_headers)
         if status < 0 or (status == 101 and not ex.flags & _F_UPGRADE):
             self._flush(out)
             self._fail_response("invalid")
@@ -944,13 +992,13 @@ class UpstreamConnection:
                 out.append(head)
             return True
         server = self.server
-        if status >= 500 and server.failed("5xx", worker.now):
+        if status >= 500 and server.failed("5xx", self.shared.now):
             worker.log.warning("%s/%s ejected after %d consecutive 5xx responses",
                                server.backend.name, server.name, server.backend.spec.max_fails)
         elif status < 500:
             server.fails = 0
-        ex.upstream_time = worker.now - self.sent_at
-        observe(worker.area, server.m_upstream, ex.upstream_time)
+        ex.upstream_time = self.shared.now - self.sent_at
+        _observe(ex.client.area, server.m_upstream, ex.upstream_time)
         ex.status = status
         ex._to(X_STREAMING)
         out.append(head)
@@ -970,7 +1018,7 @@ class UpstreamConnection:
             ex.keep_alive = False  # core added Connection: close; the body ends when we close
         if flags & _F_CHUNKED:
             self._to(U_CHUNKED)
-            self.chunked = _ChunkedBody(_RESPONSE_HEAD_FACTOR * limits.max_header_bytes)
+            self.chunked = _ChunkedBody(_RESPONSE_HEAD_FACTOR * shared.max_header_bytes)
         elif flags & _F_UNTIL_CLOSE:
             self._to(U_UNTIL_CLOSE)
         elif length:
@@ -1017,8 +1065,8 @@ class UpstreamConnection:
                 ex.bytes_out += len(_CHUNK_END)
                 ex.client.transport.write(_CHUNK_END)
             ex.upstream = None
-            self.worker.now = monotonic()
-            ex.response_done(self.worker.now)
+            self.shared.now = monotonic()
+            ex.response_done(self.shared.now)
         elif ex.state == X_STREAMING:
             # Died mid-body: the client must see an incomplete message, never a clean end.
             ex.upstream = None
@@ -1047,7 +1095,7 @@ class UpstreamConnection:
         if (self.keep and not dirty and client.incoming is not ex
                 and not ex.flags & _F_AMBIGUOUS and self.state != U_TUNNEL):
             self._to(U_IDLE)
-            self.idle_since = self.worker.now
+            self.idle_since = self.shared.now
             if client.write_paused:
                 self.transport.resume_reading()
             self.server.idle.append(self)
@@ -1057,7 +1105,7 @@ class UpstreamConnection:
             self._to(U_CLOSED)
             self.transport.close()
         ex.upstream = None
-        ex.response_done(self.worker.now)
+        ex.response_done(self.shared.now)
 
     def _fail_response(self, kind) -> None:
         ex = self.ex
@@ -1120,8 +1168,8 @@ def _connected(conn, ex, timer, task) -> None:
         conn.attach(ex, False)
     else:
         # The client went away while we were connecting: keep the fresh connection for the next one.
-        conn.idle_since = conn.worker.now
+        conn.idle_since = conn.shared.now
         conn.server.idle.append(conn)
 
 
-__all__ = ["ClientConnection", "Exchange", "UpstreamConnection", "connect"]
+__all__ = ["ClientConnection", "Exchange", "Shared", "UpstreamConnection", "connect"]

@@ -9,12 +9,12 @@ formatting per request.  Gauges are written by their owner on its tick and zeroe
 the owner exits.  The control process sums all areas on scrape and prints Prometheus text 0.0.4.
 """
 
-import bisect
 import mmap
 
 # Latency buckets in seconds (upper bounds; +Inf is implicit).
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-# buckets, +Inf, sum; the count is the +Inf bucket's cumulative value, derived on scrape
+# buckets, +Inf, sum; the count is the +Inf bucket's cumulative value, derived on scrape.  The data
+# path records an observation (http/protocol_py.py `_observe`) as one bucket += 1 and the sum += value.
 _HIST_SIZE = len(BUCKETS) + 2
 HIST_SUM = _HIST_SIZE - 1
 CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
@@ -170,12 +170,6 @@ def tls_suites(contexts) -> list[tuple[str, str]]:
             if pair not in suites:
                 suites.append(pair)
     return suites
-
-
-def observe(area, base: int, seconds: float) -> None:
-    """One histogram observation (non-cumulative bucket counts; cumulated on scrape)."""
-    area[base + bisect.bisect_left(BUCKETS, seconds)] += 1.0
-    area[base + HIST_SUM] += seconds
 
 
 def _labels(labels: tuple, extra: str = "") -> str:

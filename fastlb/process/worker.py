@@ -17,7 +17,7 @@ import weakref
 from email.utils import formatdate
 from time import monotonic
 
-from fastlb.http.protocol import ClientConnection
+from fastlb.http.protocol import ClientConnection, Shared
 from fastlb.lb.backend import build_backends
 from fastlb.lb.router import Route, Router
 from fastlb.obs import metrics
@@ -83,27 +83,38 @@ class Worker:
         self.access_log = AccessLog(cfg.log.access, cfg.log.access_buffer) if cfg.log.access else None
         self.m_dropped = layout.find("fastlb_access_log_dropped_total")
         self._dropped_seen = 0
-        self.iso_time = ""
         self._trusted = [ipaddress.ip_network(n, strict=False) for n in cfg.server.trusted_proxies]
         self.connections: set[ClientConnection] = set()
-        self.draining = False
         self.loop = None
         self.servers = []
-        # The clock as of the current loop callback: the data path reads it once per read and stores
-        # it here, the tick refreshes it, so nothing else per request needs a clock read.
-        self.now = time.monotonic()
         self._second = 0
-        self.date = b""
-        # Request ids are rid_prefix-<rid in hex>; core.parse_request formats one only for a request
-        # that did not bring its own X-Request-ID.
-        self.rid_prefix = os.urandom(6).hex().encode()
-        self.rid = 0
+        # What the data path reads per request, typed (the clock, Date, draining and the request-id
+        # counter live there; the properties below are the worker's view of them).  Request ids are
+        # <random prefix>-<counter in hex>; core.parse_request formats one only for a request that
+        # did not bring its own X-Request-ID.
+        self.shared = Shared(cfg.limits, self.router, self.no_route, os.urandom(6).hex().encode(),
+                             self.access_log)
         self._update_clock()
 
     # -- per-request helpers ----------------------------------------------------------------------
     def next_request_id(self) -> bytes:
-        self.rid += 1
-        return b"%s-%x" % (self.rid_prefix, self.rid)
+        return self.shared.next_request_id()
+
+    @property
+    def now(self) -> float:
+        return self.shared.now
+
+    @now.setter
+    def now(self, value: float) -> None:
+        self.shared.now = value
+
+    @property
+    def draining(self) -> bool:
+        return self.shared.draining
+
+    @property
+    def date(self) -> bytes:
+        return self.shared.date
 
     def is_trusted(self, ip: str) -> bool:
         if not self._trusted:
@@ -146,7 +157,7 @@ class Worker:
         short grace, see ClientConnection.drain), keep tunnels until graceful_timeout."""
         if self.draining:
             return
-        self.draining = True
+        self.shared.draining = True
         self._stop_at = time.monotonic() + self.cfg.server.graceful_timeout
         for server in self.servers:
             server.close()
@@ -160,8 +171,8 @@ class Worker:
         if second != self._second:
             self._second = second
             # RFC 9110 §6.6.1: IMF-fixdate; refreshed once a second, not per response.
-            self.date = formatdate(now, usegmt=True).encode()
-            self.iso_time = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(now))
+            self.shared.date = formatdate(now, usegmt=True).encode()
+            self.shared.iso_time = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(now))
 
     def handshake_abandoned(self, listener, started: float, ref) -> None:
         """A TLS connection's protocol was dropped before its handshake completed: it failed."""
