@@ -10,6 +10,10 @@ the compiled build, against protocol_c too: the same behaviour is required of bo
 import importlib
 import logging
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import h11
 import pytest
@@ -22,6 +26,8 @@ from fastlb.process import shm as shm_mod
 from fastlb.process.worker import Worker
 
 MODULES = ["fastlb.http.protocol_py"] + (["fastlb.http.protocol_c"] if core.EXTENSION else [])
+COMPILED = {"fastlb.http.protocol": "ClientConnection", "fastlb.http.framing": "ChunkedBody",
+            "fastlb.lb.router": "Router"}
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
@@ -266,3 +272,27 @@ def test_debug_build_checks_transitions(protocol, monkeypatch):
     assert [r.status for r in h.responses()] == [200, 200]
     with pytest.raises(AssertionError, match="not a transition"):
         h.client._to(protocol.C_TUNNEL)
+
+
+@pytest.mark.parametrize("chooser", sorted(COMPILED))
+def test_compiled_build_is_used_unless_disabled(chooser):
+    """Fails if the extension was expected (no FASTLB_NO_EXTENSIONS=1) and did not build."""
+    cls = getattr(importlib.import_module(chooser), COMPILED[chooser])
+    if os.environ.get("FASTLB_NO_EXTENSIONS") == "1":
+        assert cls.__module__ == chooser + "_py"
+        return
+    compiled = importlib.import_module(chooser + "_c")
+    assert cls.__module__ == chooser + "_c" and compiled.__file__.endswith(".so")
+
+
+@pytest.mark.skipif(os.environ.get("FASTLB_NO_EXTENSIONS") == "1", reason="the compiled build's check")
+@pytest.mark.parametrize("chooser", sorted(COMPILED))
+def test_missing_extension_is_an_import_error_not_the_symlinked_source(tmp_path, chooser):
+    """X_c.py is a symlink to the source: without the .so Python would import it uncompiled."""
+    name = chooser.rsplit(".", 1)[1]
+    package = Path(__file__).resolve().parent.parent / "fastlb"
+    shutil.copytree(package, tmp_path / "fastlb", symlinks=True,
+                    ignore=shutil.ignore_patterns(f"{name}_c.*.so", "__pycache__"))
+    run = subprocess.run([sys.executable, "-c", f"import {chooser}"], cwd=tmp_path, capture_output=True,
+                         text=True)
+    assert run.returncode == 1 and f"ImportError: {chooser}_c is not compiled" in run.stderr, run.stderr
