@@ -91,13 +91,14 @@ def cases(core):
     table = core.maglev_table(SERVERS, WEIGHTS, SIZE)
     key_hash = core.hash64(KEY)
     request_head, response_head, hash64 = core.request_head, core.response_head, core.hash64
-    parse_request, parse_response = core.parse_request, core.parse_response
+    parse_request, parse_response, find_field = core.parse_request, core.parse_response, core.find_field
     maglev_table, maglev_lookup = core.maglev_table, core.maglev_lookup
     return {
         "request_head (13 fields, ~700 B)": lambda: request_head(*REQUEST_ARGS),
         "response_head (8 fields)": lambda: response_head(*RESPONSE_ARGS),
         f"parse_request (raw, {len(REQUEST_BYTES)} B)": lambda: parse_request(*PARSE_REQUEST_ARGS),
         f"parse_response (raw, {len(RESPONSE_BYTES)} B)": lambda: parse_response(*PARSE_RESPONSE_ARGS),
+        "find_field (Cookie, in that request)": lambda: find_field(REQUEST_BYTES, 0, len(REQUEST_BYTES), b"cookie"),
         "hash64 (32 B)": lambda: hash64(KEY),
         "maglev_table (10 servers, 65537)": lambda: maglev_table(SERVERS, WEIGHTS, SIZE),
         "maglev_lookup": lambda: maglev_lookup(table, key_hash),

@@ -1226,6 +1226,47 @@ cdef tuple _response(long long status, const unsigned char *rp, Py_ssize_t rl, _
     return 0, flags, head
 
 
+def find_field(data, start, end, name):
+    """See ``fastlb._core_py.find_field``."""
+    cdef Py_ssize_t s, e, i, k, v, ve, vs, n
+    if not isinstance(data, bytes):
+        raise TypeError("data must be bytes")
+    _check_int(start, 0, PyBytes_GET_SIZE(data), &s)
+    _check_int(end, s, PyBytes_GET_SIZE(data), &e)
+    if not isinstance(name, bytes):
+        raise TypeError("name must be bytes")
+    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(data)
+    cdef const unsigned char *want = <const unsigned char *>PyBytes_AS_STRING(name)
+    cdef const unsigned char *q
+    n = PyBytes_GET_SIZE(name)
+    if n == 0:
+        return None
+    i = s
+    # The first CR LF name ":" (case-insensitive), as bytes.find over the lowered head.
+    while i + 2 + n < e:
+        q = <const unsigned char *>memchr(p + i, c'\r', e - i)
+        if q == NULL:
+            return None
+        i = q - p
+        if i + 2 + n >= e:
+            return None
+        if p[i + 1] == c'\n' and p[i + 2 + n] == c':':
+            for k in range(n):
+                if _LOWER[p[i + 2 + k]] != _LOWER[want[k]]:
+                    break
+            else:
+                v = i + 3 + n
+                ve = v
+                while ve + 1 < e and not (p[ve] == c'\r' and p[ve + 1] == c'\n'):
+                    ve += 1
+                if ve + 1 >= e:
+                    ve = e
+                _trim(p + v, ve - v, &vs, &k)
+                return PyBytes_FromStringAndSize(<const char *>p + v + vs, k - vs)
+        i += 1
+    return None
+
+
 # FNV-1a 64 (draft-eastlake-fnv §6) then MurmurHash3 fmix64: see _core_py.hash64 for why.
 cdef inline uint64_t _fnv1a(uint64_t h, const unsigned char *p, Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t i

@@ -48,6 +48,7 @@ __all__ = [
     "response_head",
     "parse_request",
     "parse_response",
+    "find_field",
     "hash64",
     "maglev_table",
     "maglev_lookup",
@@ -700,6 +701,28 @@ def _response(status, reason, headers, head_request, chunk_ok, close):
         parts.append(b"Connection: close\r\n")
     parts.append(b"\r\n")
     return 0, flags, length, b"".join(parts)
+
+
+def find_field(data, start, end, name):
+    """The value of the first field line named ``name`` in the head ``data[start:end]``, or None.
+
+    For a head parse_request or parse_response built (or accepted): a field line begins after a CRLF,
+    its name compares case-insensitively (RFC 9110 §5.1) and is followed by the colon at once (RFC 9112
+    §5.1); the value runs to the next CRLF, without the OWS around it (RFC 9110 §5.5). So a balancer
+    hashing on a header reads it from the upstream head without lowercasing a copy of it.
+    """
+    _check_bytes("data", data)
+    _check_int("start", start, 0, len(data))
+    _check_int("end", end, start, len(data))
+    _check_bytes("name", name)
+    key = b"\r\n" + name.lower() + b":"
+    head = data[start:end]
+    found = head.lower().find(key) if name else -1
+    if found < 0:
+        return None
+    found += len(key)
+    stop = head.find(b"\r\n", found)
+    return head[found:stop if stop >= 0 else len(head)].strip(_OWS)
 
 
 # FNV-1a 64 (Fowler/Noll/Vo, draft-eastlake-fnv §6): offset basis and prime.

@@ -94,8 +94,8 @@ def test_extension_loaded_unless_disabled():
     else:
         compiled = importlib.import_module("fastlb._core")
         assert core.EXTENSION is True, "the Cython extension was expected but fastlb.core did not load it"
-        for name in ("request_head", "response_head", "parse_request", "parse_response", "hash64", "maglev_table",
-                     "maglev_lookup"):
+        for name in ("request_head", "response_head", "parse_request", "parse_response", "find_field", "hash64",
+                     "maglev_table", "maglev_lookup"):
             assert getattr(core, name) is getattr(compiled, name)
         assert compiled.__file__.endswith((".so", ".pyd"))
     for name in FLAG_NAMES:

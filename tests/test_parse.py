@@ -659,3 +659,28 @@ def test_response_we_accept_h11_reads_the_same(core, head):
     event = conn.next_event()
     assert isinstance(event, (h11.Response, h11.InformationalResponse)), (head, event)
     assert event.status_code == status
+
+
+# --- find_field -------------------------------------------------------------------------------------------
+
+
+def test_find_field_in_the_upstream_head(core):
+    head = parse(core, b"GET / HTTP/1.1\r\n" + HOST + b"x-user:\t alice \r\nCookie: a=1\r\nX-User: bob\r\n\r\n")[7]
+    assert core.find_field(head, 0, len(head), b"X-USER") == b"alice"  # the first, trimmed
+    assert core.find_field(head, 0, len(head), b"cookie") == b"a=1"
+    assert core.find_field(head, 0, len(head), b"x-forwarded-for") == CLIENT_IP
+    assert core.find_field(head, 0, len(head), b"X-Use") is None
+    assert core.find_field(head, 0, len(head), b"GET / HTTP/1.1") is None  # never the request line
+    assert core.find_field(head, 0, len(head), b"") is None
+    assert core.find_field(b"xx\r\nA: 1\r\nB: 2", 2, 14, b"b") == b"2"  # no final CRLF: to `end`
+    assert core.find_field(b"xx\r\nA: 1\r\nB: 2", 2, 8, b"a") == b"1"
+
+
+@settings_for(500)
+@given(data=st.lists(st.sampled_from([b"\r\n", b"\r", b"\n", b":", b" ", b"\t", b"a", b"A", b"x-a", b"X-A", b"b", b"\xc1",
+                                      b"\xe1"]), max_size=20).map(b"".join),
+       name=st.sampled_from([b"a", b"A", b"x-a", b"X-a:", b"", b"\xc1", b"\r\n"]), cut=st.integers(0, 3))
+def test_find_field_twins_identical(compiled, data, name, cut):
+    start = min(cut, len(data))
+    args = (data, start, max(start, len(data) - cut), name)
+    assert _outcome(compiled.find_field, *args) == _outcome(_core_py.find_field, *args)
