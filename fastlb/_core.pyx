@@ -430,6 +430,21 @@ cdef inline int _field_at(list headers, Py_ssize_t i, _Field *f) except -1:
     return 0
 
 
+cdef _Field *_fields_for(Py_ssize_t count, _Field *stack_fields) except NULL:
+    # The caller's stack array (STACK_FIELDS records) when the fields fit, else the heap (_fields_done).
+    if count <= STACK_FIELDS:
+        return stack_fields
+    cdef _Field *fields = <_Field *>malloc(count * sizeof(_Field))
+    if fields == NULL:
+        raise MemoryError()
+    return fields
+
+
+cdef inline void _fields_done(_Field *fields, _Field *stack_fields) noexcept:
+    if fields != stack_fields:
+        free(fields)
+
+
 cdef int _fields_from_list(list headers, Py_ssize_t count, _Field *fields) except -1:
     cdef Py_ssize_t i
     for i in range(count):
@@ -545,12 +560,8 @@ def request_head(method, target, headers, client_ip, proto, port, bint trust_xff
 
     cdef Py_ssize_t count = PyList_GET_SIZE(headers)
     cdef _Field stack_fields[STACK_FIELDS]
-    cdef _Field *fields = stack_fields
+    cdef _Field *fields = _fields_for(count, stack_fields)
     cdef long long length
-    if count > STACK_FIELDS:
-        fields = <_Field *>malloc(count * sizeof(_Field))
-        if fields == NULL:
-            raise MemoryError()
     try:
         _fields_from_list(<list>headers, count, fields)
         return _request(
@@ -559,8 +570,7 @@ def request_head(method, target, headers, client_ip, proto, port, bint trust_xff
             <bytes>client_ip, <bytes>proto, <bytes>port, trust_xff, <bytes>request_id, None, 0, -1, None,
             &length)
     finally:
-        if fields != stack_fields:
-            free(fields)
+        _fields_done(fields, stack_fields)
 
 
 cdef int _check_int(object value, Py_ssize_t low, Py_ssize_t high, Py_ssize_t *out) except -1:
@@ -748,11 +758,7 @@ def parse_request(data, start, end, client_ip, proto, port, bint trust_xff, rid_
         return status, 0, b"", b"", None, _format_request_id(<bytes>rid_prefix, counter), 0, b""
 
     cdef _Field stack_fields[STACK_FIELDS]
-    cdef _Field *fields = stack_fields
-    if count > STACK_FIELDS:
-        fields = <_Field *>malloc(count * sizeof(_Field))
-        if fields == NULL:
-            raise MemoryError()
+    cdef _Field *fields = _fields_for(count, stack_fields)
     try:
         if _split_fields(p, fields_start, e, fields, &count):
             return 400, 0, b"", b"", None, _format_request_id(<bytes>rid_prefix, counter), 0, b""
@@ -766,8 +772,7 @@ def parse_request(data, start, end, client_ip, proto, port, bint trust_xff, rid_
             flags |= C_HTTP10
         return status_, flags, method, target, host, request_id, length, head
     finally:
-        if fields != stack_fields:
-            free(fields)
+        _fields_done(fields, stack_fields)
 
 
 cdef bytes _method(const unsigned char *p, Py_ssize_t n):
@@ -1044,12 +1049,8 @@ def response_head(status, reason, headers, bint head_request, bint chunk_ok, bin
 
     cdef Py_ssize_t count = PyList_GET_SIZE(headers)
     cdef _Field stack_fields[STACK_FIELDS]
-    cdef _Field *fields = stack_fields
+    cdef _Field *fields = _fields_for(count, stack_fields)
     cdef long long length
-    if count > STACK_FIELDS:
-        fields = <_Field *>malloc(count * sizeof(_Field))
-        if fields == NULL:
-            raise MemoryError()
     try:
         _fields_from_list(<list>headers, count, fields)
         error, flags, head = _response(code, <const unsigned char *>PyBytes_AS_STRING(reason),
@@ -1057,8 +1058,7 @@ def response_head(status, reason, headers, bint head_request, bint chunk_ok, bin
                                        close, &length)
         return error, flags, head
     finally:
-        if fields != stack_fields:
-            free(fields)
+        _fields_done(fields, stack_fields)
 
 
 def parse_response(data, start, end, bint head_request, bint chunk_ok, bint close, max_header_bytes, max_headers):
@@ -1095,11 +1095,7 @@ def parse_response(data, start, end, bint head_request, bint chunk_ok, bint clos
     cdef long long code = (line[9] - c'0') * 100 + (line[10] - c'0') * 10 + (line[11] - c'0')
     cdef long long length = 0
     cdef _Field stack_fields[STACK_FIELDS]
-    cdef _Field *fields = stack_fields
-    if count > STACK_FIELDS:
-        fields = <_Field *>malloc(count * sizeof(_Field))
-        if fields == NULL:
-            raise MemoryError()
+    cdef _Field *fields = _fields_for(count, stack_fields)
     try:
         if _split_fields(p, eol + 2, e, fields, &count):
             return -1, 0, 0, b""
@@ -1113,8 +1109,7 @@ def parse_response(data, start, end, bint head_request, bint chunk_ok, bint clos
             return -1, flags, 0, b""
         return code, flags, length, head
     finally:
-        if fields != stack_fields:
-            free(fields)
+        _fields_done(fields, stack_fields)
 
 
 cdef tuple _response(long long status, const unsigned char *rp, Py_ssize_t rl, _Field *fields, Py_ssize_t count,

@@ -14,12 +14,10 @@ a request line that RFC 9112 §2.2 says a server SHOULD ignore. And llhttp refus
 Transfer-Encoding value (`chunked\t`), which is OWS and no part of the value (RFC 9110 §5.5).
 """
 
-import importlib
-import os
-
 import h11
 import httptools
 import pytest
+import test_core
 from corpus import load
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
@@ -27,29 +25,15 @@ from hypothesis import strategies as st
 from fastlb import _core_py
 from fastlb.http.framing import CHUNKED_BAD, ChunkedBody, request_start_problem
 
-NO_EXTENSIONS = os.environ.get("FASTLB_NO_EXTENSIONS") == "1"
+# The fixtures test_core.py defines: `core` runs a test on both twins, `compiled` on the compiled one.
+core = test_core.core
+compiled = test_core.compiled
 P = _core_py  # flag constants
 CLIENT_IP = b"203.0.113.7"
 AUTHORITY = b"lb.test:8080"
 LIMITS = (8192, 16384, 100)  # the defaults: max_request_line, max_header_bytes, max_headers
 RESPONSE_LIMITS = (4 * 16384, 4 * 100)  # what the upstream side allows (README "Hardening")
 HOST = b"Host: example.test\r\n"
-
-
-def _compiled():
-    if NO_EXTENSIONS:
-        pytest.skip("FASTLB_NO_EXTENSIONS=1: the compiled twin is not expected")
-    return importlib.import_module("fastlb._core")  # no try: a missing extension fails the run
-
-
-@pytest.fixture(params=["py", "c"])
-def core(request):
-    return _core_py if request.param == "py" else _compiled()
-
-
-@pytest.fixture
-def compiled():
-    return _compiled()
 
 
 def parse(core, data, start=0, end=None, *, limits=LIMITS, trust_xff=False, counter=0x2A):
