@@ -58,18 +58,22 @@ def listening_socket(port: int, reuseport: bool = False) -> socket.socket:
 
 # -- 1. address in use ----------------------------------------------------------------------------------
 
-def test_address_in_use_names_the_listener_and_the_process_holding_it():
+def test_address_in_use_names_the_listener_and_the_process_holding_it(tmp_path):
     me = f"pid {os.getpid()} ("
+    # Its own pid file: the default one may be held by a fastlb running on this machine.
+    pid_file = str(tmp_path / "fastlb.pid")
     with listening_socket(free_port()) as held:
         port = held.getsockname()[1]
         out = fastlb_cli("serve", env=clean_env(FASTLB_LISTEN=f"127.0.0.1:{free_port()}",
-                                                FASTLB_ADMIN_LISTEN=f"127.0.0.1:{port}"), timeout=15)
+                                                FASTLB_ADMIN_LISTEN=f"127.0.0.1:{port}",
+                                                FASTLB_SERVER_PID_FILE=pid_file), timeout=15)
         assert out.returncode == 1
         line = out.stderr.strip()
         assert line.startswith(f"fastlb: cannot start: admin.address 127.0.0.1:{port}: address already in "
                                f"use by {me}"), line
         out = fastlb_cli("serve", env=clean_env(FASTLB_LISTEN=f"127.0.0.1:{port}",
-                                                FASTLB_ADMIN_LISTEN=f"127.0.0.1:{free_port()}"), timeout=15)
+                                                FASTLB_ADMIN_LISTEN=f"127.0.0.1:{free_port()}",
+                                                FASTLB_SERVER_PID_FILE=pid_file), timeout=15)
         assert out.returncode == 1
         assert f"listeners[0].address 127.0.0.1:{port}: address already in use by {me}" in out.stderr
 
