@@ -450,6 +450,81 @@ def test_alpn_offers_http11_only_and_never_fails_the_handshake(
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Handshake cost: the libssl settings tls.py changes for it (module docstring, "Handshake cost")
+
+# openssl/ssl.h
+SSL_CTRL_MODE = 33
+SSL_CTRL_GET_SESS_CACHE_MODE = 45
+SSL_SESS_CACHE_OFF = 0
+SSL_MODE_NO_AUTO_CHAIN = 0x8
+
+
+def test_libssl_settings_read_back_on_every_context(pems):
+    spec = tls_spec([pems.default, pems.rsa])
+    contexts = [tls.build_server_context(spec, SOURCE), tls._policy_context(spec, SOURCE)]
+    for context in contexts:
+        pointer = tls._ssl_ctx_pointer(context)
+        assert tls._libssl.ctrl(pointer, SSL_CTRL_GET_SESS_CACHE_MODE, 0, None) == SSL_SESS_CACHE_OFF
+        # SSL_CTX_get_mode: SSL_CTX_ctrl(SSL_CTRL_MODE) with no bits to add.
+        assert tls._libssl.ctrl(pointer, SSL_CTRL_MODE, 0, None) & SSL_MODE_NO_AUTO_CHAIN
+        assert context.num_tickets == tls.TLS13_TICKETS == 1
+
+
+@pytest.mark.skipif(OPENSSL is None, reason="openssl command-line tool not installed")
+def test_tls13_full_handshake_sends_one_ticket(server):
+    # The server sends its tickets as soon as it has the client's Finished, before it reads any request, so
+    # every ticket is on the wire ahead of the response: count them up to the response's last byte.
+    request = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n"
+    with subprocess.Popen(
+        [OPENSSL, "s_client", "-connect", f"127.0.0.1:{server.port}", "-tls1_3", "-msg", "-ign_eof"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    ) as client:
+        output = b""
+        try:
+            client.stdin.write(request)
+            client.stdin.flush()
+            deadline = time.monotonic() + 10
+            # The JSON body ends without a newline, so read what arrives rather than lines.
+            while not (b'{"pid"' in output and output.endswith(b"}")):
+                readable, _, _ = select.select([client.stdout], [], [], max(0.0, deadline - time.monotonic()))
+                chunk = os.read(client.stdout.fileno(), 65536) if readable else b""
+                assert chunk, output.decode()
+                output += chunk
+        finally:
+            client.kill()
+    lines = output.decode().splitlines()
+    tickets = [line for line in lines if line.startswith("<<< TLS 1.3, Handshake") and "NewSessionTicket" in line]
+    assert len(tickets) == 1, output.decode()
+
+
+def test_no_session_id_for_a_tls12_client_that_refuses_tickets(server, pems):
+    # With the server-side cache on (CPython's default) OpenSSL would give this client a 32-byte session ID
+    # and keep the session in that one worker's cache; off, the ServerHello's session ID is empty.
+    context = client_context(pems, maximum=ssl.TLSVersion.TLSv1_2)
+    context.options |= ssl.OP_NO_TICKET
+    first = exchange(server.port, context)
+    assert first.version == "TLSv1.2"
+    assert first.session.id == b""
+    assert not first.session.has_ticket
+    assert not exchange(server.port, context, session=first.session).reused
+
+
+@pytest.mark.skipif(OPENSSL is None, reason="openssl command-line tool not installed")
+def test_served_chain_is_the_certificate_files_even_with_its_issuer_trusted(pems):
+    # A leaf-only file while the context's trust store holds its issuer (as a CA for client certificates
+    # will): OpenSSL's automatic chain building would send that CA too, after running X509_verify_cert on
+    # every full handshake.
+    context = tls.build_server_context(tls_spec([pems.default]), SOURCE)
+    context.load_verify_locations(pems.ca)
+    with forked_server(context) as (port, _):
+        done = s_client(port, "-showcerts", "-servername", "localhost")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("-----BEGIN CERTIFICATE-----") == 1, done.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------
 # uvloop's ssl_handshake_timeout
 
 
