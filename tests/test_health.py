@@ -55,10 +55,11 @@ rise = 2
     assert backends_seen() == {"b1", "b2"}
     b2.set_health(503)
     changed = time.monotonic()
-    while backends_seen(10) != {"b1"}:
+    # 40 new connections reach both workers (SO_REUSEPORT), and each worker learns of the state on its
+    # next tick: the second within 250 ms of the first, inside the same one-second budget.
+    while backends_seen() != {"b1"}:
         assert time.monotonic() - changed < 1.0, "still sending traffic to the 503 server"
     down_after = time.monotonic() - changed
-    assert backends_seen() == {"b1"}  # on every worker
     down = lb.wait_for("is DOWN")
     assert " WARNING health: b/" + b2.address + " is DOWN (status 503)" in down
     server = admin_status(lb)["backends"]["b"]["servers"][1]
