@@ -1,32 +1,13 @@
-"""Chooses the compiled ``framing_c`` or, with ``FASTLB_NO_EXTENSIONS=1``, its source ``framing_py``.
+"""Chooses the compiled ``framing_c`` or, with ``FASTLB_NO_EXTENSIONS=1``, its source ``framing_py``
+(see fastlb/native.py)."""
 
-No fallback, as in ``fastlb.core``: an extension that was expected and did not build is an ImportError.
-"""
+from fastlb.native import load
 
-import os
-
-if os.environ.get("FASTLB_NO_EXTENSIONS") == "1":
-    from fastlb.http.framing_py import (
-        CHUNK_EXTENSIONS_MAX,
-        CHUNKED_BAD,
-        CHUNKED_MORE,
-        ChunkedBody,
-        request_start_problem,
-    )
-else:
-    from fastlb.http import framing_c
-
-    # framing_c.py is a symlink to the source: without the built extension it would import as plain
-    # Python, silently several times slower.
-    if not framing_c.__file__.endswith(".so"):
-        raise ImportError(f"fastlb.http.framing_c is not compiled ({framing_c.__file__}): build the "
-                          "extension (python setup.py build_ext --inplace) or set FASTLB_NO_EXTENSIONS=1")
-    from fastlb.http.framing_c import (  # type: ignore[no-redef]
-        CHUNK_EXTENSIONS_MAX,
-        CHUNKED_BAD,
-        CHUNKED_MORE,
-        ChunkedBody,
-        request_start_problem,
-    )
+_impl = load("fastlb.http.framing")
+CHUNK_EXTENSIONS_MAX = _impl.CHUNK_EXTENSIONS_MAX
+CHUNKED_BAD = _impl.CHUNKED_BAD
+CHUNKED_MORE = _impl.CHUNKED_MORE
+ChunkedBody = _impl.ChunkedBody
+request_start_problem = _impl.request_start_problem
 
 __all__ = ["CHUNK_EXTENSIONS_MAX", "CHUNKED_BAD", "CHUNKED_MORE", "ChunkedBody", "request_start_problem"]

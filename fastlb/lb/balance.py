@@ -1,55 +1,18 @@
-"""Chooses the compiled ``balance_c`` or, with ``FASTLB_NO_EXTENSIONS=1``, its source ``balance_py``.
+"""Chooses the compiled ``balance_c`` or, with ``FASTLB_NO_EXTENSIONS=1``, its source ``balance_py``
+(see fastlb/native.py)."""
 
-No fallback, as in ``fastlb.core``: an extension that was expected and did not build is an ImportError.
-``balance_c.py`` is a symlink to the source, so Python would import it uncompiled when the extension
-is missing: that is checked here rather than run several times slower without a word.
-"""
+from fastlb.native import EXTENSIONS, load
 
-import os
+_impl = load("fastlb.lb.balance")
+ALGORITHMS = _impl.ALGORITHMS
+Balancer = _impl.Balancer
+LeastConn = _impl.LeastConn
+MaglevHash = _impl.MaglevHash
+PowerOfTwo = _impl.PowerOfTwo
+SmoothRoundRobin = _impl.SmoothRoundRobin
+WeightedRandom = _impl.WeightedRandom
+hash_key_getter = _impl.hash_key_getter
+make_balancer = _impl.make_balancer
+EXTENSION = EXTENSIONS
 
-if os.environ.get("FASTLB_NO_EXTENSIONS") == "1":
-    from fastlb.lb.balance_py import (
-        ALGORITHMS,
-        Balancer,
-        LeastConn,
-        MaglevHash,
-        PowerOfTwo,
-        SmoothRoundRobin,
-        WeightedRandom,
-        hash_key_getter,
-        make_balancer,
-    )
-
-    EXTENSION = False
-else:
-    from fastlb.lb import balance_c
-
-    if not balance_c.__file__.endswith((".so", ".pyd")):
-        raise ImportError(f"fastlb.lb.balance_c is not compiled ({balance_c.__file__}): build the "
-                          "extension (python setup.py build_ext --inplace) or set FASTLB_NO_EXTENSIONS=1")
-    from fastlb.lb.balance_c import (  # type: ignore[no-redef]
-        ALGORITHMS,
-        Balancer,
-        LeastConn,
-        MaglevHash,
-        PowerOfTwo,
-        SmoothRoundRobin,
-        WeightedRandom,
-        hash_key_getter,
-        make_balancer,
-    )
-
-    EXTENSION = True
-
-__all__ = [
-    "EXTENSION",
-    "ALGORITHMS",
-    "Balancer",
-    "LeastConn",
-    "MaglevHash",
-    "PowerOfTwo",
-    "SmoothRoundRobin",
-    "WeightedRandom",
-    "hash_key_getter",
-    "make_balancer",
-]
+__all__ = ["EXTENSION", "ALGORITHMS", "Balancer", "LeastConn", "MaglevHash", "PowerOfTwo", "SmoothRoundRobin", "WeightedRandom", "hash_key_getter", "make_balancer"]
