@@ -94,7 +94,7 @@ SCENARIOS = {
             f"{WRK} -H <{len(load.BROWSER_HEADERS)} browser headers, ~700 B "
             f"request> https://{HOST}:{TLS_PORT}/",
         ),
-        Scenario("https-big", True, 1.0, f"{WRK} https://{HOST}:{TLS_PORT}/big (64 KiB)"),
+        Scenario("https-big", True, 0.8, f"{WRK} https://{HOST}:{TLS_PORT}/big (64 KiB)"),
         Scenario(
             "https-full",
             True,
@@ -110,7 +110,7 @@ SCENARIOS = {
         Scenario(
             "idle",
             True,
-            1.5,
+            1.0,
             f"asyncio client holds {IDLE_CONNS} TLS keep-alive connections (1 request "
             "each); RSS delta summed over the proxy's processes",
         ),
