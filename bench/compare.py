@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -126,9 +127,12 @@ def measure(scenario: Scenario, svc: Service, backend: Backend, args) -> dict:
     """Warm up, then one measured window; CPU of the proxy tree, backend and load tool over that window."""
     if args.warmup > 0:
         scenario.run(args.warmup)
-    proxy0, backend0, t0 = svc.cpu_seconds(), backend.cpu_seconds(), time.monotonic()
+    counter = SyscallCounter([p.pid for p in svc.processes()])
+    (user0, sys0), backend0, t0 = svc.cpu_split(), backend.cpu_seconds(), time.monotonic()
     res = scenario.run(args.duration)
-    proxy1, backend1, wall = svc.cpu_seconds(), backend.cpu_seconds(), time.monotonic() - t0
+    (user1, sys1), backend1, wall = svc.cpu_split(), backend.cpu_seconds(), time.monotonic() - t0
+    syscalls = counter.stop()
+    proxy0, proxy1 = user0 + sys0, user1 + sys1
     n = max(res.requests, 1)
     return {
         "requests": res.requests,
@@ -139,6 +143,9 @@ def measure(scenario: Scenario, svc: Service, backend: Backend, args) -> dict:
         "p99_ms": res.p99_ms,
         "errors": res.errors,
         "proxy_cpu_us": (proxy1 - proxy0) / n * 1e6,
+        "proxy_user_us": (user1 - user0) / n * 1e6,
+        "proxy_sys_us": (sys1 - sys0) / n * 1e6,
+        "syscalls_per_req": syscalls / n if syscalls is not None else None,
         "tool_cpu_us": res.tool_cpu_s / n * 1e6,
         # Shares of one core over the window: tell whether proxy, load tool or backend was the limit.
         "proxy_util": (proxy1 - proxy0) / wall,
@@ -277,6 +284,34 @@ def targets(summary: list[dict], scenarios: list[Scenario]) -> list[dict]:
 # ---------------------------------------------------------------- output
 
 
+class SyscallCounter:
+    """Counts the proxy's system calls over a window with `perf stat -e raw_syscalls:sys_enter` (the
+    kernel's syscall tracepoint, per process).  Every proxy pays the same tracepoint cost; None where
+    perf or the tracepoint is unavailable (then the column shows "-")."""
+
+    def __init__(self, pids: list[int]):
+        self.proc = None
+        if not pids or shutil.which("perf") is None:
+            return
+        self.out = tempfile.NamedTemporaryFile("r", suffix=".perf")
+        self.proc = subprocess.Popen(
+            ["perf", "stat", "-x,", "-e", "raw_syscalls:sys_enter", "-o", self.out.name,
+             "-p", ",".join(map(str, pids))],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+
+    def stop(self) -> float | None:
+        if self.proc is None:
+            return None
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(timeout=10)
+        for line in self.out.read().splitlines():
+            fields = line.split(",")
+            if len(fields) > 2 and fields[2].startswith("raw_syscalls:sys_enter"):
+                return float(fields[0]) if fields[0].replace(".", "").isdigit() else None
+        return None
+
+
 def fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
@@ -293,7 +328,7 @@ def table_rows(summary: list[dict]) -> tuple[list[list[str]], list[list[str]], l
             if s["scenario"] == "idle":
                 idle.append([s["proxy"], cell, "", "", "", ""])
             else:
-                main.append([s["scenario"], s["proxy"], cell] + [""] * 7)
+                main.append([s["scenario"], s["proxy"], cell] + [""] * 10)
             continue
         partial = f" ({s['rounds_ok']}/{s['rounds']} rounds)" if s["rounds_ok"] < s["rounds"] else ""
         if s["scenario"] == "idle":
@@ -319,6 +354,9 @@ def table_rows(summary: list[dict]) -> tuple[list[list[str]], list[list[str]], l
                 fmt(s["p99_ms"], ".2f"),
                 fmt(s["errors"], ".0f"),
                 fmt(s["proxy_cpu_us"], ".1f"),
+                fmt(s.get("proxy_user_us"), ".1f"),
+                fmt(s.get("proxy_sys_us"), ".1f"),
+                fmt(s.get("syscalls_per_req"), ".1f"),
                 fmt(s.get("ratio"), ".2f"),
                 fmt(s["tool_cpu_us"], ".1f"),
             ]
@@ -353,7 +391,8 @@ def table_rows(summary: list[dict]) -> tuple[list[list[str]], list[list[str]], l
 
 
 MAIN_HEAD = (
-    "scenario|proxy|req/s|MB/s|p50 ms|p99 ms|errors|proxy CPU µs/req|ratio to nginx|load-tool µs/req".split(
+    ("scenario|proxy|req/s|MB/s|p50 ms|p99 ms|errors|proxy CPU µs/req|user µs|system µs|syscalls/req|"
+     "ratio to nginx|load-tool µs/req").split(
         "|"
     )
 )

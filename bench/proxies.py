@@ -214,16 +214,20 @@ class Service:
         except psutil.NoSuchProcess:
             return []
 
-    def cpu_seconds(self) -> float:
-        """utime+stime (from /proc/<pid>/stat, via psutil) summed over the tree, incl. reaped children."""
-        total = 0.0
+    def cpu_split(self) -> tuple[float, float]:
+        """(utime, stime) from /proc/<pid>/stat, via psutil, summed over the tree, incl. reaped children."""
+        user = system = 0.0
         for p in self.processes():
             try:
                 t = p.cpu_times()
             except psutil.Error:
                 continue
-            total += t.user + t.system + t.children_user + t.children_system
-        return total
+            user += t.user + t.children_user
+            system += t.system + t.children_system
+        return user, system
+
+    def cpu_seconds(self) -> float:
+        return sum(self.cpu_split())
 
     def rss_bytes(self) -> int:
         total = 0
