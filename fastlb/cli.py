@@ -125,8 +125,14 @@ def main(argv: list[str] | None = None) -> int:
 def load_config(path, cli, ingress_files):
     """The config from file, environment and flags, plus the routes of any Ingress manifests."""
     from fastlb import config
+    from fastlb.lb import ingress
 
-    return config.load(path, os.environ, cli, ingress_files)
+    def merge(cfg):
+        return ingress.apply(cfg, list(ingress_files)) if ingress_files else cfg
+
+    # config.load calls merge before the checks that need its routes and certificates; config itself
+    # does not import the Ingress reader (which imports config).
+    return config.load(path, os.environ, cli, merge)
 
 
 def _serve(args, config) -> int:

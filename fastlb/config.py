@@ -36,7 +36,7 @@ import os
 import re
 import ssl
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -1262,15 +1262,16 @@ def load(
     path: str | None,
     env: Mapping[str, str],
     cli: Mapping[str, str] | None = None,
-    ingress: Sequence[str] = (),
+    merge: Callable[[Config], Config] | None = None,
 ) -> Config:
     """Read, merge (command line > environment > file > default) and validate the configuration.
 
     ``env`` is usually ``os.environ``; only ``FASTLB_*`` names are read. ``cli`` maps the same names to
     the command-line flags' values. Without ``path``, ``FASTLB_CONFIG`` (command line, then environment)
-    names the file; with neither, the configuration comes from variables and defaults alone. ``ingress``
-    lists Kubernetes Ingress manifests whose routes, backends and certificates are merged in before the
-    checks that need them. Raises ``ConfigError``.
+    names the file; with neither, the configuration comes from variables and defaults alone. ``merge``
+    adds what another source brings (the Kubernetes Ingress manifests: routes, backends, certificates)
+    before the checks that need it; the caller passes it, so this module imports nothing of theirs.
+    Raises ``ConfigError``.
     """
     cli = cli or {}
     if path is None:
@@ -1291,9 +1292,7 @@ def load(
     if not config.listeners:
         config = dataclasses.replace(config, listeners=(ListenerSpec(DEFAULT_LISTEN),))
     _check_config(config, tree, ctx)
-    if ingress:
-        from fastlb.lb import ingress as k8s  # imports this module, so not at the top
-
-        config = k8s.apply(config, list(ingress))
+    if merge is not None:
+        config = merge(config)
     _check_certificates(config, tree, ctx)
     return config

@@ -79,7 +79,7 @@ class Harness:
     """One client connection to a worker whose only backend answers through fake upstream transports."""
 
     def __init__(self, protocol, env=None):
-        cfg = config.load(None, {"FASTLB_BACKENDS": "127.0.0.1:9", **(env or {})}, {}, [])
+        cfg = config.load(None, {"FASTLB_BACKENDS": "127.0.0.1:9", **(env or {})}, {})
         layout = metrics.Layout()
         layout.extend(cfg, [])
         self.store = metrics.Store()
