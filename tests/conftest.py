@@ -130,6 +130,18 @@ class FastLB:
     def output(self) -> str:
         return "\n".join(self.lines)
 
+    def live_children(self) -> set[int]:
+        """The master's children that are alive now; one that exits while we look is not one of them
+        (psutil raises NoSuchProcess from status() when a child is reaped between the two calls)."""
+        live = set()
+        for child in psutil.Process(self.proc.pid).children():
+            try:
+                if child.status() != psutil.STATUS_ZOMBIE:
+                    live.add(child.pid)
+            except psutil.NoSuchProcess:
+                pass
+        return live
+
     def worker_pids(self) -> list[int]:
         """Live worker pids (children whose command line is the master's; control is one of them)."""
         return [p.pid for p in psutil.Process(self.proc.pid).children()]

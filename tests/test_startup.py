@@ -44,15 +44,7 @@ def reloads(lb, result: str) -> float:
 
 
 def workers(lb) -> set[int]:
-    """The master's live children; one that exits while we look is not one of them."""
-    live = set()
-    for child in psutil.Process(lb.proc.pid).children():
-        try:
-            if child.status() != psutil.STATUS_ZOMBIE:
-                live.add(child.pid)
-        except psutil.NoSuchProcess:
-            pass
-    return live
+    return lb.live_children()
 
 
 def listening_socket(port: int, reuseport: bool = False) -> socket.socket:
