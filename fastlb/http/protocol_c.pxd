@@ -22,7 +22,8 @@ cdef Py_ssize_t _BODY_BUFFER_CAP, _RESPONSE_HEAD_FACTOR
 cdef int _IDLE, _HEADER, _BODY
 
 cdef bint _bare_cr_or_lf(bytearray buf, Py_ssize_t start) except -1
-cdef bytes _chunk(list payload)
+cdef bytes _joined(list payload)
+cdef bytes _chunk(bytes data)
 cdef tuple _BUCKETS
 cdef Py_ssize_t _HIST_SUM
 @cython.locals(bound=double, i=Py_ssize_t)

@@ -180,9 +180,13 @@ def _bare_cr_or_lf(buf: bytearray, start) -> bool:
     return False
 
 
-def _chunk(payload: list) -> bytes:
-    """Decoded chunk-data of one read as one chunk of ours (RFC 9112 §7.1)."""
-    data = payload[0] if len(payload) == 1 else b"".join(payload)
+def _joined(payload: list) -> bytes:
+    """The chunk-data ChunkedBody.scan found in one read, as one bytes object."""
+    return payload[0] if len(payload) == 1 else b"".join(payload)
+
+
+def _chunk(data: bytes) -> bytes:
+    """Body bytes of one read as one chunk of ours (RFC 9112 §7.1)."""
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
@@ -340,8 +344,8 @@ class ClientConnection:
                     self.fail(400)
                     return
                 if payload:
-                    body = payload[0] if len(payload) == 1 else b"".join(payload)
-                    if not self._body(b"%x\r\n%s\r\n" % (len(body), body), len(body), now):
+                    body = _joined(payload)
+                    if not self._body(_chunk(body), len(body), now):
                         return
                 if stop < 0:
                     return
@@ -953,8 +957,8 @@ class UpstreamConnection:
                     self._fail_response("invalid")
                     return
                 if payload:
-                    out.append(_chunk(payload) if self.down_chunked else
-                               payload[0] if len(payload) == 1 else b"".join(payload))
+                    body = _joined(payload)
+                    out.append(_chunk(body) if self.down_chunked else body)
                 if stop < 0:
                     break
                 if self.down_chunked:
@@ -963,7 +967,7 @@ class UpstreamConnection:
                 return
             elif state == U_UNTIL_CLOSE:
                 body = data if pos == 0 else data[pos:]
-                out.append(b"%x\r\n%s\r\n" % (len(body), body) if self.down_chunked else body)
+                out.append(_chunk(body) if self.down_chunked else body)
                 break
             else:  # U_TUNNEL after a 101 in this read: the rest is tunnel data
                 self.tunnel.transport.write(data[pos:])
