@@ -19,5 +19,9 @@ cdef class ChunkedBody:
     cpdef Py_ssize_t scan(self, bytes data, Py_ssize_t start, Py_ssize_t end, list out) except? -3
 
 
+@cython.locals(stop=Py_ssize_t)
+cdef Py_ssize_t _line_end(bytes data, Py_ssize_t start, Py_ssize_t end) except -2
+
+
 @cython.locals(i=Py_ssize_t, c="unsigned char")
 cdef bint _has_ctl(bytes data, Py_ssize_t start, Py_ssize_t stop)

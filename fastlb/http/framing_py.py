@@ -119,17 +119,15 @@ class ChunkedBody:
                 else:
                     state = _C_BAD
             elif state == _C_EXT:
-                # Up to the CR that ends the size line; no other control character (a bare LF above all).
-                stop = data.find(b"\r", pos - 1, end)
-                if stop < 0:
-                    stop = end
+                stop = _line_end(data, pos - 1, end)
                 self.extensions += stop - pos + 1
-                if self.extensions > CHUNK_EXTENSIONS_MAX or _has_ctl(data, pos - 1, stop):
+                if stop < 0 or self.extensions > CHUNK_EXTENSIONS_MAX:
                     state = _C_BAD
+                elif stop < end:
+                    pos = stop + 1
+                    state = _C_SIZE_LF
                 else:
-                    pos = stop + 1 if stop < end else end
-                    if stop < end:
-                        state = _C_SIZE_LF
+                    pos = end
             elif state == _C_SIZE_LF:
                 if byte != 10:
                     state = _C_BAD
@@ -156,16 +154,15 @@ class ChunkedBody:
                 elif not _TCHAR[byte] or self.trailers > self.trailer_max:
                     state = _C_BAD
             elif state == _C_TRAILER:
-                stop = data.find(b"\r", pos - 1, end)
-                if stop < 0:
-                    stop = end
+                stop = _line_end(data, pos - 1, end)
                 self.trailers += stop - pos + 1
-                if self.trailers > self.trailer_max or _has_ctl(data, pos - 1, stop):
+                if stop < 0 or self.trailers > self.trailer_max:
                     state = _C_BAD
+                elif stop < end:
+                    pos = stop + 1
+                    state = _C_TRAILER_LF
                 else:
-                    pos = stop + 1 if stop < end else end
-                    if stop < end:
-                        state = _C_TRAILER_LF
+                    pos = end
             elif state == _C_TRAILER_LF:
                 state = _C_TRAILER_START if byte == 10 else _C_BAD
             else:  # _C_END_LF
@@ -179,9 +176,18 @@ class ChunkedBody:
         return CHUNKED_MORE
 
 
+def _line_end(data, start, end):
+    """Where the CR that ends the line going on at data[start] is (end if not in this read), or -1 if a
+    control character other than HTAB comes first (a bare LF above all: RFC 9110 §5.5 field values;
+    §7.1.1 extensions are tokens and quoted strings, which admit none either)."""
+    stop = data.find(b"\r", start, end)
+    if stop < 0:
+        stop = end
+    return -1 if _has_ctl(data, start, stop) else stop
+
+
 def _has_ctl(data, start, stop):
-    """A control character other than HTAB in data[start:stop] (RFC 9110 §5.5 field values; §7.1.1
-    extensions are tokens and quoted strings, which admit none either)."""
+    """A control character other than HTAB in data[start:stop]."""
     for i in range(start, stop):
         c = data[i]
         if (c < 32 and c != 9) or c == 127:
