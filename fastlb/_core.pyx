@@ -23,14 +23,15 @@ How it stays fast:
   caller's ``bytes`` stay valid without copying or pinning the list.
 """
 
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.list cimport PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_AsUnsignedLongLong
 from cpython.ref cimport Py_INCREF
 from cpython.tuple cimport PyTuple_GET_SIZE
-from libc.stdint cimport int32_t, uint64_t
+from libc.stdint cimport int32_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memchr, memcmp, memcpy
+from libc.string cimport memchr, memcmp, memcpy, memset
 
 from http import HTTPStatus
 
@@ -70,7 +71,7 @@ cdef enum Kind:
     K_EXPECT
     K_HOP            # other hop-by-hop fields (RFC 9110 §7.6.1): dropped, nothing to interpret
     K_XFF
-    K_XF_OTHER       # X-Forwarded-Proto/Port/Host: always replaced by ours
+    K_XF_OTHER       # X-Forwarded-Proto/Port/Host/Client-Cert: always replaced by ours
     K_REQUEST_ID
     K_DROP           # X_Forwarded_For & co (see the underscore rule in _core_py.request_head)
 
@@ -87,8 +88,8 @@ cdef enum:
     # Headers per message that fit the stack array; more (up to the 100 the worker allows, or any
     # number from a direct caller) use the heap.
     STACK_FIELDS = 64
-    # Longest name _classify knows ("transfer-encoding", "x-forwarded-proto").
-    MAX_KNOWN_NAME = 17
+    # Longest name _classify knows ("x-forwarded-client-cert").
+    MAX_KNOWN_NAME = 23
     # 18 digits always fit in the int64 body counters; 19 may not.
     MAX_CL_DIGITS = 18
     MAX_WEIGHT = 0x7FFFFFFF
@@ -200,6 +201,9 @@ cdef Kind _classify(const unsigned char *name, Py_ssize_t n) noexcept nogil:
         if _is(name, b"transfer-encoding", 17):
             return K_TRANSFER_ENCODING
         if _is(name, b"x-forwarded-proto", 17):
+            return K_XF_OTHER
+    elif n == 23:
+        if _is(name, b"x-forwarded-client-cert", 23):
             return K_XF_OTHER
     return K_OTHER
 
@@ -1287,6 +1291,90 @@ def hash64(data):
                           PyBytes_GET_SIZE(data)))
 
 
+# Host-wide rate limiting: see _core_py.rate_take for the algorithm and the table's layout.  Here every
+# word is read and replaced with the GCC/Clang __atomic builtins on the shared mapping: a worker that
+# loses a race re-reads and tries again, and no lock exists that a dying worker could leave held.
+cdef extern from *:
+    """
+    static inline unsigned long long fastlb_load64(unsigned long long *p) {
+        return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+    }
+    static inline int fastlb_cas64(unsigned long long *p, unsigned long long expected,
+                                   unsigned long long desired) {
+        return __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+    }
+    """
+    unsigned long long _load64 "fastlb_load64"(unsigned long long *p) noexcept nogil
+    bint _cas64 "fastlb_cas64"(unsigned long long *p, unsigned long long expected,
+                               unsigned long long desired) noexcept nogil
+
+RATE_WAYS = 8
+# _RATE_TRIES: a word that keeps changing under us means other workers are taking tokens of the same
+# set at that instant; after this many lost races the request is refused (429) rather than spinning.
+cdef enum:
+    _WAYS = 8
+    _TAT_BITS = 48
+    _RATE_TRIES = 64
+cdef unsigned long long _TAT_MASK = (1ULL << _TAT_BITS) - 1
+
+
+def rate_take(table, key_hash, now_us, interval_us, burst_us):
+    """See ``fastlb._core_py.rate_take``."""
+    cdef unsigned long long[::1] words
+    cdef Py_ssize_t size, base, i, victim
+    cdef unsigned long long key, now, interval, burst, tag, word, seen, tat, oldest
+    cdef int attempt
+    cdef bint found
+    if not isinstance(table, memoryview) or table.format != "Q" or table.readonly:
+        raise TypeError("table must be a writable memoryview of format 'Q'")
+    words = table
+    size = words.shape[0]
+    if size < _WAYS or size & (size - 1):
+        raise ValueError("table length must be a power of two, at least RATE_WAYS")
+    for name, value, low in (("key_hash", key_hash, 0), ("now_us", now_us, 0),
+                             ("interval_us", interval_us, 1), ("burst_us", burst_us, 0)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int")
+        if value < low or value > (0xFFFFFFFFFFFFFFFF if name == "key_hash" else _TAT_MASK):
+            raise ValueError(f"{name} out of range")
+    key = key_hash
+    now = now_us
+    interval = interval_us
+    burst = burst_us
+    base = <Py_ssize_t>(key & <unsigned long long>(size - _WAYS))
+    tag = key >> _TAT_BITS
+    if tag == 0:
+        tag = 1  # 0 marks an empty word
+    cdef unsigned long long *p = &words[0]
+    for attempt in range(_RATE_TRIES):
+        victim = base
+        found = False
+        oldest = 0
+        seen = 0
+        for i in range(base, base + _WAYS):
+            word = _load64(p + i)
+            if word >> _TAT_BITS == tag:
+                victim = i
+                seen = word
+                found = True
+                break
+            if i == base or (word & _TAT_MASK) < oldest:
+                victim = i
+                seen = word
+                oldest = word & _TAT_MASK
+        tat = (seen & _TAT_MASK) if found else 0
+        if tat < now:
+            tat = now
+        tat += interval
+        if tat - now > burst:
+            return tat - now - burst
+        if tat > _TAT_MASK:
+            tat = _TAT_MASK
+        if _cas64(p + victim, seen, (tag << _TAT_BITS) | tat):
+            return 0
+    return interval
+
+
 cdef bint _is_prime(long long n):
     cdef long long d = 3
     if n < 2:
@@ -1413,3 +1501,513 @@ def maglev_lookup(table, key_hash):
     if n == 0:
         return -1
     return (<list>table)[<Py_ssize_t>(key % <unsigned long long>n)]
+
+
+# --- TLS ClientHello (issue 15: SNI passthrough); the rules are _core_py.parse_client_hello's -----------
+
+cdef extern from "Python.h":
+    object PyUnicode_DecodeASCII(const char *s, Py_ssize_t size, const char *errors)
+
+# Same values as fastlb._core_py (a test compares them).
+HELLO_MORE = 0
+HELLO_OK = 1
+HELLO_NOT_TLS = 2
+HELLO_BAD = 3
+HELLO_MAX = 16384
+
+cdef enum:
+    C_HELLO_MAX = 16384
+    HANDSHAKE = 0x16
+    HOST_NAME_MAX = 255
+
+cdef bint _SNI_OK[256]  # _core_py._SNI_CHARS
+
+_NO_HELLO = (HELLO_BAD, None, ())
+_HELLO_MORE = (HELLO_MORE, None, ())
+
+
+cdef const unsigned char *_buffer(object data, Py_ssize_t *n) except NULL:
+    # bytes or bytearray (the caller's receive buffer), read in place: nothing below runs Python code
+    # until the result is built, so the bytes cannot move.
+    if isinstance(data, bytes):
+        n[0] = PyBytes_GET_SIZE(data)
+        return <const unsigned char *>PyBytes_AS_STRING(data)
+    if isinstance(data, bytearray):
+        n[0] = PyByteArray_GET_SIZE(data)
+        return <const unsigned char *>PyByteArray_AS_STRING(data)
+    raise TypeError("data must be bytes or bytearray")
+
+
+cdef inline Py_ssize_t _u16(const unsigned char *p) noexcept nogil:
+    return p[0] << 8 | p[1]
+
+
+def parse_client_hello(data):
+    """See ``fastlb._core_py.parse_client_hello``."""
+    cdef Py_ssize_t n
+    cdef const unsigned char *p = _buffer(data, &n)
+    # The reassembled handshake message: it fits, since its records end within the first HELLO_MAX bytes.
+    cdef unsigned char message[C_HELLO_MAX]
+    cdef Py_ssize_t have = 0, promised = 0, pos = 0, length, take, size
+    if n == 0:
+        return _HELLO_MORE
+    if p[0] != HANDSHAKE or (n > 1 and p[1] != 3):
+        return (HELLO_NOT_TLS, None, ())
+    while True:
+        if n - pos < 5:
+            if n > pos and (p[pos] != HANDSHAKE or (n > pos + 1 and p[pos + 1] != 3)):
+                return _NO_HELLO
+            return _HELLO_MORE
+        length = _u16(p + pos + 3)
+        if p[pos] != HANDSHAKE or p[pos + 1] != 3 or length == 0 or pos + 5 + length > C_HELLO_MAX:
+            return _NO_HELLO
+        take = n - pos - 5
+        if take > length:
+            take = length
+        memcpy(message + have, p + pos + 5, take)
+        have += take
+        promised += length
+        pos += 5 + length
+        if have >= 1 and message[0] != 1:
+            return _NO_HELLO
+        if have >= 4:
+            size = 4 + (message[1] << 16 | message[2] << 8 | message[3])
+            if promised > size or 5 + size > C_HELLO_MAX:
+                return _NO_HELLO
+            if promised == size:
+                if pos > n:
+                    return _HELLO_MORE
+                return _hello_body(message + 4, size - 4)
+        if pos >= n:
+            return _HELLO_MORE
+
+
+cdef tuple _hello_body(const unsigned char *body, Py_ssize_t end):
+    cdef Py_ssize_t pos, suites, methods, kind, size
+    cdef Py_ssize_t sni_at = -1, sni_size = 0, alpn_at = -1, alpn_size = 0
+    if end < 35 or body[0] != 3 or body[34] > 32:
+        return _NO_HELLO
+    pos = 35 + body[34]
+    if pos + 2 > end:
+        return _NO_HELLO
+    suites = _u16(body + pos)
+    pos += 2 + suites
+    if suites < 2 or suites & 1 or pos + 1 > end:
+        return _NO_HELLO
+    methods = body[pos]
+    pos += 1 + methods
+    if methods < 1 or pos > end:
+        return _NO_HELLO
+    if pos == end:
+        return (HELLO_OK, None, ())
+    if pos + 2 > end or pos + 2 + _u16(body + pos) != end:
+        return _NO_HELLO
+    pos += 2
+    while pos < end:
+        if pos + 4 > end:
+            return _NO_HELLO
+        kind = _u16(body + pos)
+        size = _u16(body + pos + 2)
+        pos += 4
+        if pos + size > end:
+            return _NO_HELLO
+        if kind == 0:  # server_name
+            if sni_at >= 0 or not _server_name_ok(body + pos, size):
+                return _NO_HELLO
+            sni_at, sni_size = pos, size
+        elif kind == 16:  # application_layer_protocol_negotiation
+            if alpn_at >= 0 or not _alpn_ok(body + pos, size):
+                return _NO_HELLO
+            alpn_at, alpn_size = pos, size
+        pos += size
+    return (HELLO_OK, None if sni_at < 0 else _host_name(body + sni_at + 5, sni_size - 5),
+            () if alpn_at < 0 else _alpn_tuple(body + alpn_at, alpn_size))
+
+
+cdef bint _server_name_ok(const unsigned char *v, Py_ssize_t n) noexcept nogil:
+    # Exactly one host_name entry filling the list (see _core_py._server_name).
+    cdef Py_ssize_t i, size
+    if n < 5 or _u16(v) != n - 2 or v[2] != 0:
+        return False
+    size = _u16(v + 3)
+    if size != n - 5 or size == 0 or size > HOST_NAME_MAX:
+        return False
+    for i in range(5, n):
+        if not _SNI_OK[v[i]]:
+            return False
+    return True
+
+
+cdef str _host_name(const unsigned char *p, Py_ssize_t n):
+    cdef char low[HOST_NAME_MAX]
+    cdef Py_ssize_t i
+    for i in range(n):
+        low[i] = _LOWER[p[i]]
+    return PyUnicode_DecodeASCII(low, n, NULL)
+
+
+cdef bint _alpn_ok(const unsigned char *v, Py_ssize_t n) noexcept nogil:
+    # RFC 7301 §3.1 (see _core_py._alpn_names).
+    cdef Py_ssize_t pos = 2
+    if n < 4 or _u16(v) != n - 2:
+        return False
+    while pos < n:
+        if v[pos] == 0 or pos + 1 + v[pos] > n:
+            return False
+        pos += 1 + v[pos]
+    return True
+
+
+cdef tuple _alpn_tuple(const unsigned char *v, Py_ssize_t n):
+    cdef Py_ssize_t pos = 2
+    cdef list names = []
+    while pos < n:
+        names.append(PyBytes_FromStringAndSize(<const char *>v + pos + 1, v[pos]))
+        pos += 1 + v[pos]
+    return tuple(names)
+
+
+# --- PROXY protocol v1 and v2 (issue 15); the rules are _core_py.parse_proxy_header's -------------------
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    int AF_INET
+    int AF_INET6
+
+cdef extern from "<arpa/inet.h>" nogil:
+    int inet_pton(int af, const char *src, void *dst)
+    const char *inet_ntop(int af, const void *src, char *dst, socklen_t size)
+
+PROXY_MORE = 0
+PROXY_OK = 1
+PROXY_LOCAL = 2
+PROXY_BAD = 3
+PROXY_V1_MAX = 107
+PP2_TYPE_CRC32C = 0x03
+
+cdef enum:
+    C_PROXY_V1_MAX = 107
+    V2_MAX = 16 + 0xFFFF
+    IPV6_TEXT_MAX = 45
+    ADDRESS_TEXT = 46  # INET6_ADDRSTRLEN
+
+cdef const unsigned char *_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+cdef const unsigned char *_V1_PREFIX = b"PROXY "
+cdef Py_ssize_t[4] _V2_ADDRESS_SIZES = [0, 12, 36, 216]
+_PROXY_BAD = (PROXY_BAD, 0, None, 0, None, 0, ())
+_PROXY_MORE = (PROXY_MORE, 0, None, 0, None, 0, ())
+
+cdef bint _HEX_ADDRESS[256]
+cdef uint32_t _CRC32C[256]
+
+
+cdef void _init_proxy_tables():
+    cdef uint32_t crc
+    cdef int c, k
+    for c in range(256):
+        _HEX_ADDRESS[c] = False
+        _SNI_OK[c] = False
+        crc = c
+        for k in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+        _CRC32C[c] = crc
+    for c in b"0123456789abcdefABCDEF:.":
+        _HEX_ADDRESS[c] = True
+    for c in b"-._0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz":
+        _SNI_OK[c] = True
+
+
+_init_proxy_tables()
+
+
+cdef uint32_t _crc32c(uint32_t crc, const unsigned char *p, Py_ssize_t n) noexcept nogil:
+    # CRC-32C, RFC 4960 Appendix B; pass 0xFFFFFFFF first and xor the result with it at the end.
+    cdef Py_ssize_t i
+    for i in range(n):
+        crc = _CRC32C[(crc ^ p[i]) & 0xFF] ^ (crc >> 8)
+    return crc
+
+
+cdef str _address_text(int af, const void *address):
+    cdef char text[ADDRESS_TEXT]
+    inet_ntop(af, address, text, ADDRESS_TEXT)
+    return text.decode("ascii")
+
+
+def parse_proxy_header(data):
+    """See ``fastlb._core_py.parse_proxy_header``."""
+    cdef Py_ssize_t n
+    cdef const unsigned char *p = _buffer(data, &n)
+    if n == 0:
+        return _PROXY_MORE
+    if p[0] == 0x0D:
+        return _proxy_v2(p, V2_MAX if n > V2_MAX else n)
+    return _proxy_v1(p, C_PROXY_V1_MAX if n > C_PROXY_V1_MAX else n)
+
+
+cdef tuple _proxy_v2(const unsigned char *p, Py_ssize_t n):
+    cdef Py_ssize_t i, end, pos, size, crc_at = -1, address
+    cdef int family, transport, af
+    cdef uint32_t crc
+    cdef unsigned char zeros[4]
+    cdef list tlvs
+    for i in range(12 if n > 12 else n):
+        if p[i] != _V2_SIGNATURE[i]:
+            return _PROXY_BAD
+    if n < 13:
+        return _PROXY_MORE
+    if p[12] >> 4 != 2 or p[12] & 0xF > 1:
+        return _PROXY_BAD
+    if n < 14:
+        return _PROXY_MORE
+    family = p[13] >> 4
+    transport = p[13] & 0xF
+    if family > 3 or transport > 2:
+        return _PROXY_BAD
+    if n < 16:
+        return _PROXY_MORE
+    end = 16 + _u16(p + 14)
+    if p[12] & 0xF == 0:
+        return (PROXY_LOCAL, end, None, 0, None, 0, ()) if n >= end else _PROXY_MORE
+    pos = 16 + _V2_ADDRESS_SIZES[family]
+    if pos > end:
+        return _PROXY_BAD
+    if n < end:
+        return _PROXY_MORE
+    # Bounds first, objects after: a header that turns out bad allocates nothing.
+    while pos < end:
+        if pos + 3 > end:
+            return _PROXY_BAD
+        size = _u16(p + pos + 1)
+        if pos + 3 + size > end:
+            return _PROXY_BAD
+        if p[pos] == PP2_TYPE_CRC32C:
+            if size != 4 or crc_at >= 0:
+                return _PROXY_BAD
+            crc_at = pos + 3
+        pos += 3 + size
+    if crc_at >= 0:
+        memset(zeros, 0, 4)
+        crc = _crc32c(0xFFFFFFFF, p, crc_at)
+        crc = _crc32c(crc, zeros, 4)
+        crc = _crc32c(crc, p + crc_at + 4, end - crc_at - 4) ^ 0xFFFFFFFF
+        if crc != (<uint32_t>p[crc_at] << 24 | <uint32_t>p[crc_at + 1] << 16 | <uint32_t>p[crc_at + 2] << 8
+                   | <uint32_t>p[crc_at + 3]):
+            return _PROXY_BAD
+    tlvs = []
+    pos = 16 + _V2_ADDRESS_SIZES[family]
+    while pos < end:
+        size = _u16(p + pos + 1)
+        tlvs.append((p[pos], PyBytes_FromStringAndSize(<const char *>p + pos + 3, size)))
+        pos += 3 + size
+    if transport != 1 or (family != 1 and family != 2):
+        return (PROXY_LOCAL, end, None, 0, None, 0, tuple(tlvs))
+    af, size = (AF_INET, 4) if family == 1 else (AF_INET6, 16)
+    address = 16 + 2 * size
+    return (PROXY_OK, end, _address_text(af, p + 16), _u16(p + address), _address_text(af, p + 16 + size),
+            _u16(p + address + 2), tuple(tlvs))
+
+
+cdef bint _word_is(const unsigned char *p, Py_ssize_t n, const char *literal, Py_ssize_t literal_len) noexcept nogil:
+    return n == literal_len and memcmp(p, literal, n) == 0
+
+
+cdef bint _word_starts(const unsigned char *p, Py_ssize_t n, const char *literal, Py_ssize_t literal_len) noexcept nogil:
+    return n <= literal_len and memcmp(p, literal, n) == 0
+
+
+cdef bint _address(const unsigned char *p, Py_ssize_t n, int af, unsigned char *out) noexcept nogil:
+    # _core_py._address: the alphabet, then glibc's inet_pton (the same function the twin reaches
+    # through socket.inet_pton, so both accept exactly the same text).
+    cdef char text[C_PROXY_V1_MAX + 1]
+    cdef Py_ssize_t i
+    if n == 0:
+        return False
+    for i in range(n):
+        if not _HEX_ADDRESS[p[i]]:
+            return False
+    memcpy(text, p, n)
+    text[n] = 0
+    return inet_pton(af, text, out) == 1
+
+
+cdef bint _address_prefix(const unsigned char *p, Py_ssize_t n, int af) noexcept nogil:
+    # _core_py._address_prefix.
+    cdef Py_ssize_t i, digits = 0, dots = 0
+    cdef int value = 0
+    for i in range(n):
+        if not _HEX_ADDRESS[p[i]]:
+            return False
+    if af == AF_INET6:
+        return n <= IPV6_TEXT_MAX
+    for i in range(n):
+        if p[i] == c'.':
+            if digits == 0:
+                return False
+            dots += 1
+            if dots > 3:
+                return False
+            digits = 0
+            value = 0
+        elif c'0' <= p[i] <= c'9':
+            if digits == 1 and value == 0:
+                return False
+            digits += 1
+            value = value * 10 + p[i] - c'0'
+            if digits > 3 or value > 255:
+                return False
+        else:
+            return False
+    return True
+
+
+cdef bint _port_prefix(const unsigned char *p, Py_ssize_t n, int *port) noexcept nogil:
+    # _core_py._port_prefix; sets *port to the value.
+    cdef Py_ssize_t i
+    cdef int value = 0
+    if n > 5 or (n > 1 and p[0] == c'0'):
+        return False
+    for i in range(n):
+        if not c'0' <= p[i] <= c'9':
+            return False
+        value = value * 10 + p[i] - c'0'
+    port[0] = value
+    return value <= 65535
+
+
+cdef tuple _proxy_v1(const unsigned char *p, Py_ssize_t n):
+    cdef Py_ssize_t i, j, eol = -1, end, count = 0
+    cdef Py_ssize_t starts[6]
+    cdef Py_ssize_t ends[6]
+    cdef unsigned char addresses[2][16]
+    cdef int ports[2]
+    cdef int af, k
+    cdef bint complete, last
+    for i in range(6 if n > 6 else n):
+        if p[i] != _V1_PREFIX[i]:
+            return _PROXY_BAD
+    for i in range(n - 1):
+        if p[i] == c'\r' and p[i + 1] == c'\n':
+            eol = i
+            break
+    complete = eol >= 0
+    if complete:
+        end = eol
+    else:
+        if n >= C_PROXY_V1_MAX:
+            return _PROXY_BAD
+        end = n - 1 if n and p[n - 1] == c'\r' else n
+    for i in range(end):
+        if p[i] == c'\r' or p[i] == c'\n':
+            return _PROXY_BAD
+    # The words after "PROXY " (an empty one when the line stops inside the prefix); six are enough to
+    # know there are too many.
+    i = 6 if end > 6 else end
+    while count < 6:
+        j = i
+        while j < end and p[j] != c' ':
+            j += 1
+        starts[count] = i
+        ends[count] = j
+        count += 1
+        if j == end:
+            break
+        i = j + 1
+    if _word_is(p + starts[0], ends[0] - starts[0], b"UNKNOWN", 7) and (complete or count > 1):
+        return (PROXY_LOCAL, eol + 2, None, 0, None, 0, ()) if complete else _PROXY_MORE
+    if count > 5 or (complete and count != 5):
+        return _PROXY_BAD
+    if count == 1:
+        if complete or not (_word_starts(p + starts[0], ends[0] - starts[0], b"TCP4", 4)
+                            or _word_starts(p + starts[0], ends[0] - starts[0], b"TCP6", 4)
+                            or _word_starts(p + starts[0], ends[0] - starts[0], b"UNKNOWN", 7)):
+            return _PROXY_BAD
+        return _PROXY_MORE
+    if _word_is(p + starts[0], ends[0] - starts[0], b"TCP4", 4):
+        af = AF_INET
+    elif _word_is(p + starts[0], ends[0] - starts[0], b"TCP6", 4):
+        af = AF_INET6
+    else:
+        return _PROXY_BAD
+    for k in range(1, count):
+        last = k == count - 1 and not complete
+        if k <= 2:
+            if last:
+                return _PROXY_MORE if _address_prefix(p + starts[k], ends[k] - starts[k], af) else _PROXY_BAD
+            if not _address(p + starts[k], ends[k] - starts[k], af, addresses[k - 1]):
+                return _PROXY_BAD
+        elif not _port_prefix(p + starts[k], ends[k] - starts[k], &ports[k - 3]) or (
+                not last and ends[k] == starts[k]):
+            return _PROXY_BAD
+    if not complete:
+        return _PROXY_MORE
+    return (PROXY_OK, eol + 2, _address_text(af, addresses[0]), ports[0], _address_text(af, addresses[1]),
+            ports[1], ())
+
+
+cdef int _endpoint(object ip, str what, unsigned char *out) except -1:
+    # The family of `ip` (AF_INET or AF_INET6) with its bytes in out; ValueError/TypeError like the twin.
+    if not isinstance(ip, str):
+        raise TypeError(f"{what} must be a str")
+    cdef bytes text
+    if (<str>ip).isascii() and "\0" not in ip:
+        text = (<str>ip).encode("ascii")
+        if inet_pton(AF_INET, text, out) == 1:
+            return AF_INET
+        if inet_pton(AF_INET6, text, out) == 1:
+            return AF_INET6
+    raise ValueError(f"{what} is not an IP address: {ip!r}")
+
+
+cdef int _check_port(object port, str what) except -1:
+    if not isinstance(port, int):
+        raise TypeError(f"{what} must be an int")
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{what} must be in [0, 65535]")
+    return port
+
+
+cdef int _endpoints(src_ip, src_port, dst_ip, dst_port, unsigned char *src, unsigned char *dst) except -1:
+    # Both addresses in one family (see _core_py._proxy_endpoints): returns it.
+    cdef int src_af = _endpoint(src_ip, "src_ip", src)
+    cdef int dst_af = _endpoint(dst_ip, "dst_ip", dst)
+    _check_port(src_port, "src_port")
+    _check_port(dst_port, "dst_port")
+    if src_af == dst_af:
+        return src_af
+    cdef unsigned char *v4 = src if src_af == AF_INET else dst
+    memcpy(v4 + 12, v4, 4)
+    memset(v4, 0, 10)
+    v4[10] = 0xFF
+    v4[11] = 0xFF
+    return AF_INET6
+
+
+def proxy_header_v1(src_ip, src_port, dst_ip, dst_port):
+    """See ``fastlb._core_py.proxy_header_v1``."""
+    cdef unsigned char src[16]
+    cdef unsigned char dst[16]
+    cdef int af = _endpoints(src_ip, src_port, dst_ip, dst_port, src, dst)
+    return b"PROXY %s %s %s %d %d\r\n" % (b"TCP4" if af == AF_INET else b"TCP6",
+                                         _address_text(af, src).encode("ascii"),
+                                         _address_text(af, dst).encode("ascii"), src_port, dst_port)
+
+
+def proxy_header_v2(src_ip, src_port, dst_ip, dst_port):
+    """See ``fastlb._core_py.proxy_header_v2``."""
+    cdef unsigned char out[16 + 36]
+    cdef int af = _endpoints(src_ip, src_port, dst_ip, dst_port, out + 16, out + 32)
+    cdef Py_ssize_t size = 4 if af == AF_INET else 16
+    cdef int sp = src_port, dp = dst_port
+    memcpy(out, _V2_SIGNATURE, 12)
+    out[12] = 0x21  # version 2, PROXY
+    out[13] = 0x11 if af == AF_INET else 0x21  # INET or INET6, STREAM
+    out[14] = 0
+    out[15] = 2 * size + 4
+    if size == 4:
+        memcpy(out + 20, out + 32, 4)
+    out[16 + 2 * size] = sp >> 8
+    out[17 + 2 * size] = sp & 0xFF
+    out[18 + 2 * size] = dp >> 8
+    out[19 + 2 * size] = dp & 0xFF
+    return PyBytes_FromStringAndSize(<const char *>out, 20 + 2 * size)

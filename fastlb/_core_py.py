@@ -30,6 +30,7 @@ Two entry points per direction share one path:
 """
 
 import re
+import socket as _socket
 from http import HTTPStatus
 
 __all__ = [
@@ -52,6 +53,21 @@ __all__ = [
     "hash64",
     "maglev_table",
     "maglev_lookup",
+    "HELLO_MORE",
+    "HELLO_OK",
+    "HELLO_NOT_TLS",
+    "HELLO_BAD",
+    "HELLO_MAX",
+    "parse_client_hello",
+    "PROXY_MORE",
+    "PROXY_OK",
+    "PROXY_LOCAL",
+    "PROXY_BAD",
+    "PROXY_V1_MAX",
+    "PP2_TYPE_CRC32C",
+    "parse_proxy_header",
+    "proxy_header_v1",
+    "proxy_header_v2",
 ]
 
 # Flag bits returned by request_head/response_head. _core.pyx defines the same values (tested).
@@ -90,7 +106,7 @@ _UPGRADE = 5
 _EXPECT = 6
 _HOP = 7  # other hop-by-hop fields: dropped, nothing to interpret
 _XFF = 8
-_XF_OTHER = 9  # X-Forwarded-Proto/Port/Host: always replaced by ours, never trusted (DESIGN "Headers")
+_XF_OTHER = 9  # X-Forwarded-Proto/Port/Host/Client-Cert: always replaced by ours, never trusted (DESIGN "Headers")
 _REQUEST_ID = 10
 _DROP = 11  # X_Forwarded_For & co: see the underscore rule in request_head
 
@@ -111,6 +127,9 @@ _KINDS = {
     b"x-forwarded-proto": _XF_OTHER,
     b"x-forwarded-port": _XF_OTHER,
     b"x-forwarded-host": _XF_OTHER,
+    # Issue 15: the client certificate identity fastlb verified (Envoy's format); the caller appends its
+    # own, so a client-sent one (or a look-alike) must never reach the backend.
+    b"x-forwarded-client-cert": _XF_OTHER,
     b"x-request-id": _REQUEST_ID,
 }
 # Responses: only framing and hop-by-hop names matter; X-Forwarded-* or Host in a response are plain
@@ -751,6 +770,71 @@ def hash64(data):
     return h
 
 
+# --- Host-wide rate limiting (issue 17) -----------------------------------------------------------------
+#
+# A GCRA token bucket (the generic cell rate algorithm, ITU-T I.371; what nginx's limit_req computes)
+# keeps one number per key, its theoretical arrival time (TAT): a request at `now` is allowed if
+# max(TAT, now) + interval - now <= burst * interval, and then that becomes the TAT.  One number per key
+# means one 64-bit word per key, which every worker can update with one compare-and-swap in shared
+# memory: the 16 high bits tag the key, the 48 low bits hold the TAT in microseconds (8.9 years).
+# The table is set-associative: a key's hash picks a set of RATE_WAYS words; a key not found takes the
+# word with the oldest TAT, so memory is bounded and the least recently seen key is evicted first (and
+# a TAT already in the past is a full bucket: evicting it forgets nothing).
+RATE_WAYS = 8
+_TAT_BITS = 48
+_TAT_MASK = (1 << _TAT_BITS) - 1
+_RATE_LOCK = None
+
+
+def _rate_lock():
+    # The twin has no compare-and-swap: a POSIX semaphore serialises its read-modify-write instead.
+    # Made on first use, which is in the master (policy.build creates the tables), before the fork.
+    global _RATE_LOCK
+    if _RATE_LOCK is None:
+        import multiprocessing
+
+        _RATE_LOCK = multiprocessing.get_context("fork").Lock()
+    return _RATE_LOCK
+
+
+def rate_take(table, key_hash, now_us, interval_us, burst_us):
+    """Take one token for the key hashing to ``key_hash`` from the shared ``table``.
+
+    ``table`` is a writable buffer of 64-bit words (a ``memoryview`` cast to ``"Q"``, its length a
+    multiple of ``RATE_WAYS`` and a power of two). ``now_us`` is the caller's clock in microseconds,
+    below 2**48; ``interval_us`` (> 0) is one token's time; ``burst_us`` = burst x interval.
+    Returns 0 when the request is allowed, else how many microseconds until it would be.
+    """
+    if not isinstance(table, memoryview) or table.format != "Q" or table.readonly:
+        raise TypeError("table must be a writable memoryview of format 'Q'")
+    size = len(table)
+    if size < RATE_WAYS or size & (size - 1):
+        raise ValueError("table length must be a power of two, at least RATE_WAYS")
+    _check_int("key_hash", key_hash, 0, _MASK64)
+    _check_int("now_us", now_us, 0, _TAT_MASK)
+    _check_int("interval_us", interval_us, 1, _TAT_MASK)
+    _check_int("burst_us", burst_us, 0, _TAT_MASK)
+    base = key_hash & (size - RATE_WAYS)
+    tag = (key_hash >> _TAT_BITS) or 1  # 0 marks an empty word
+    with _rate_lock():
+        victim, oldest = base, None
+        for i in range(base, base + RATE_WAYS):
+            word = table[i]
+            if word >> _TAT_BITS == tag:
+                tat = word & _TAT_MASK
+                victim = i
+                break
+            if oldest is None or word & _TAT_MASK < oldest:
+                victim, oldest = i, word & _TAT_MASK
+        else:
+            tat = 0
+        tat = max(tat, now_us) + interval_us
+        if tat - now_us > burst_us:
+            return tat - now_us - burst_us
+        table[victim] = tag << _TAT_BITS | min(tat, _TAT_MASK)
+        return 0
+
+
 _MAX_WEIGHT = 0x7FFFFFFF
 _MAX_TABLE = 0x7FFFFFFF
 
@@ -847,3 +931,419 @@ def maglev_lookup(table, key_hash):
     if not table:
         return -1
     return table[key_hash % len(table)]
+
+
+# --- TLS ClientHello (issue 15: SNI passthrough) -------------------------------------------------------
+#
+# The front door peeks at the first bytes of a TLS connection without consuming them, to route on the
+# server name before any decryption. Everything here reads attacker bytes: every length is checked
+# against what is left before it is used, and no input makes it raise.
+
+HELLO_MORE = 0  # a prefix of a ClientHello: read more, then call again with all the bytes so far
+HELLO_OK = 1
+HELLO_NOT_TLS = 2  # the first bytes are no TLS handshake record (e.g. plain HTTP sent to a TLS port)
+HELLO_BAD = 3  # malformed, or not complete within HELLO_MAX bytes
+# The records carrying the ClientHello (their 5-byte headers included) must end within the first
+# HELLO_MAX bytes of the connection. One number bounds both the message and the caller's buffer; real
+# ClientHellos are 0.2-2 KiB (1.8 KiB with an X25519MLKEM768 key share), and 16 KiB is also the most one
+# record may carry (RFC 8446 §5.1), which is what OpenSSL reads in one go.
+HELLO_MAX = 16384
+
+_HANDSHAKE = 0x16  # ContentType handshake (RFC 8446 §5.1)
+_CLIENT_HELLO = 1  # HandshakeType client_hello (RFC 8446 §4)
+_EXT_SERVER_NAME = 0  # RFC 6066 §3
+_EXT_ALPN = 16  # RFC 7301 §3.1
+# RFC 6066 §3: HostName is an ASCII DNS name ("A-labels" for IDNs), no trailing-dot rule enforced. "_"
+# is accepted because internal names use it; anything else (NUL, SP, "/", obs-text) is a malformed name.
+_SNI_CHARS = b"-._0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_HOST_NAME_MAX = 255  # RFC 1035 §2.3.4, and OpenSSL's TLSEXT_MAXLEN_host_name
+_NO_HELLO = (HELLO_BAD, None, ())
+
+
+def _check_buffer(data):
+    if not isinstance(data, (bytes, bytearray)):
+        raise TypeError("data must be bytes or bytearray")
+
+
+def parse_client_hello(data):
+    """Read the TLS ClientHello at the start of ``data`` (the bytes received so far, from the first).
+
+    Returns ``(status, sni, alpn)``: ``sni`` is the host_name of the server_name extension lowercased
+    (RFC 6066 §3), or None; ``alpn`` the protocol names of the ALPN extension (RFC 7301 §3.1), ``()`` if
+    absent. Both are None/``()`` unless status is HELLO_OK.
+
+    The ClientHello may be fragmented over several handshake records (RFC 8446 §5.1) and those over TCP
+    segments: records are reassembled first. Refused as HELLO_BAD: a later record that is not a
+    handshake record of version 3.x, a zero-length or over-2^14 record (§5.1 MUST NOTs), a handshake
+    message that is not a ClientHello, bytes after the ClientHello in its last record (a client's first
+    flight is the ClientHello alone, §4.1.2), any length that overruns its container, an extensions block
+    that does not fill the message exactly, a repeated server_name or ALPN extension (§4.2), a
+    server_name that is not exactly one valid host_name (what OpenSSL accepts), an empty ALPN name.
+    """
+    _check_buffer(data)
+    n = len(data)
+    if n == 0:
+        return HELLO_MORE, None, ()
+    if data[0] != _HANDSHAKE or (n > 1 and data[1] != 3):
+        return HELLO_NOT_TLS, None, ()
+    message = bytearray()
+    promised = 0  # message bytes the records seen so far announce (some may not have arrived)
+    pos = 0
+    while True:
+        if n - pos < 5:
+            if n > pos and (data[pos] != _HANDSHAKE or (n > pos + 1 and data[pos + 1] != 3)):
+                return _NO_HELLO
+            return HELLO_MORE, None, ()
+        length = data[pos + 3] << 8 | data[pos + 4]
+        if data[pos] != _HANDSHAKE or data[pos + 1] != 3 or length == 0 or pos + 5 + length > HELLO_MAX:
+            return _NO_HELLO
+        message += data[pos + 5:pos + 5 + length]
+        promised += length
+        pos += 5 + length
+        if len(message) >= 1 and message[0] != _CLIENT_HELLO:
+            return _NO_HELLO
+        if len(message) >= 4:
+            size = 4 + (message[1] << 16 | message[2] << 8 | message[3])
+            if promised > size or 5 + size > HELLO_MAX:
+                return _NO_HELLO
+            if promised == size:
+                if pos > n:
+                    return HELLO_MORE, None, ()
+                return _hello_body(bytes(message[4:]))
+        if pos >= n:
+            return HELLO_MORE, None, ()
+
+
+def _hello_body(body):
+    # RFC 8446 §4.1.2 (and RFC 5246 §7.4.1.2, whose extensions block may be absent): legacy_version,
+    # random[32], legacy_session_id<0..32>, cipher_suites<2..2^16-2>, legacy_compression_methods<1..2^8-1>,
+    # extensions<8..2^16-1>.
+    end = len(body)
+    if end < 35 or body[0] != 3:
+        return _NO_HELLO
+    pos = 35 + body[34]
+    if body[34] > 32 or pos + 2 > end:
+        return _NO_HELLO
+    suites = body[pos] << 8 | body[pos + 1]
+    pos += 2 + suites
+    if suites < 2 or suites & 1 or pos + 1 > end:
+        return _NO_HELLO
+    methods = body[pos]
+    pos += 1 + methods
+    if methods < 1 or pos > end:
+        return _NO_HELLO
+    sni = None
+    alpn = ()
+    if pos == end:
+        return HELLO_OK, sni, alpn
+    if pos + 2 > end or pos + 2 + (body[pos] << 8 | body[pos + 1]) != end:
+        return _NO_HELLO
+    pos += 2
+    seen_sni = seen_alpn = False
+    while pos < end:
+        if pos + 4 > end:
+            return _NO_HELLO
+        kind = body[pos] << 8 | body[pos + 1]
+        size = body[pos + 2] << 8 | body[pos + 3]
+        pos += 4
+        if pos + size > end:
+            return _NO_HELLO
+        value = body[pos:pos + size]
+        pos += size
+        if kind == _EXT_SERVER_NAME:
+            if seen_sni:
+                return _NO_HELLO
+            seen_sni = True
+            sni = _server_name(value)
+            if sni is None:
+                return _NO_HELLO
+        elif kind == _EXT_ALPN:
+            if seen_alpn:
+                return _NO_HELLO
+            seen_alpn = True
+            alpn = _alpn_names(value)
+            if alpn is None:
+                return _NO_HELLO
+    return HELLO_OK, sni, alpn
+
+
+def _server_name(value):
+    # RFC 6066 §3: ServerNameList server_name_list<1..2^16-1> of (NameType name_type, HostName name).
+    # Only host_name(0) exists, and the list "MUST NOT contain more than one name of the same
+    # name_type": so exactly one entry, as OpenSSL requires. None when malformed.
+    if len(value) < 5 or (value[0] << 8 | value[1]) != len(value) - 2 or value[2] != 0:
+        return None
+    size = value[3] << 8 | value[4]
+    name = value[5:]
+    if size != len(name) or not 0 < size <= _HOST_NAME_MAX or name.translate(None, _SNI_CHARS):
+        return None
+    return name.lower().decode("ascii")
+
+
+def _alpn_names(value):
+    # RFC 7301 §3.1: ProtocolName protocol_name_list<2..2^16-1>, ProtocolName<1..2^8-1> ("empty strings
+    # MUST NOT be included"). None when malformed.
+    if len(value) < 4 or (value[0] << 8 | value[1]) != len(value) - 2:
+        return None
+    names = []
+    pos = 2
+    while pos < len(value):
+        size = value[pos]
+        if size == 0 or pos + 1 + size > len(value):
+            return None
+        names.append(value[pos + 1:pos + 1 + size])
+        pos += 1 + size
+    return tuple(names)
+
+
+# --- PROXY protocol v1 and v2 (issue 15) ---------------------------------------------------------------
+#
+# The spec is HAProxy's doc/proxy-protocol.txt ("the spec" below). A trusted L4 balancer in front of
+# fastlb prepends one header to the connection; its addresses replace the socket's. Attacker-facing
+# too (a listener only accepts it from trusted_proxies, but it parses before it knows the header is
+# right), so the same rules as the ClientHello: bounds-checked, never raises on bytes.
+
+PROXY_MORE = 0  # a prefix of a header: read more, then call again with all the bytes so far
+PROXY_OK = 1
+PROXY_LOCAL = 2  # valid, but keep the socket's own addresses (LOCAL, UNKNOWN, UNSPEC, UNIX, DGRAM)
+PROXY_BAD = 3  # can no longer become a header: the spec says abort the connection
+PROXY_V1_MAX = 107  # the spec §2.1: the longest v1 line, CRLF included
+
+PP2_TYPE_CRC32C = 0x03  # the spec §2.2.3
+_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+_V1_PREFIX = b"PROXY "
+# v2 address block sizes by family (the spec §2.2): UNSPEC, INET (2*4 + 2*2), INET6 (2*16 + 2*2), UNIX.
+_V2_ADDRESS_SIZES = (0, 12, 36, 216)
+_V1_PROTOCOLS = (b"TCP4", b"TCP6", b"UNKNOWN")
+_HEX_ADDRESS = frozenset(b"0123456789abcdefABCDEF:.")
+# "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255", the longest text inet_pton(AF_INET6) accepts.
+_IPV6_TEXT_MAX = 45
+_PROXY_BAD = (PROXY_BAD, 0, None, 0, None, 0, ())
+_PROXY_MORE = (PROXY_MORE, 0, None, 0, None, 0, ())
+
+# CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), the checksum of RFC 4960 Appendix B.
+_CRC32C_TABLE = []
+for _i in range(256):
+    _crc = _i
+    for _ in range(8):
+        _crc = (_crc >> 1) ^ 0x82F63B78 if _crc & 1 else _crc >> 1
+    _CRC32C_TABLE.append(_crc)
+del _i, _crc
+
+
+def _crc32c(data):
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def parse_proxy_header(data):
+    """Read the PROXY protocol header (v1 or v2) at the start of ``data`` (the bytes received so far).
+
+    Returns ``(status, consumed, src_ip, src_port, dst_ip, dst_port, tlvs)``. ``consumed`` is the header's
+    length when status is PROXY_OK or PROXY_LOCAL (what follows it is the client's data), else 0.
+    Addresses are in inet_ntop's canonical text (an IPv4-mapped IPv6 address stays IPv6) and set only
+    for PROXY_OK. ``tlvs``: the v2 TLVs after the address block as ``(type, value)`` pairs, in order,
+    for a v2 PROXY command (a LOCAL command's block is skipped unread, as the spec says to discard it).
+
+    PROXY_LOCAL: a v2 LOCAL command, a v1 "PROXY UNKNOWN" line, or a v2 PROXY command for a family or
+    transport fastlb does not proxy (UNSPEC, UNIX, DGRAM): the spec's fallback is the real endpoints.
+    PROXY_BAD: anything else that is not a prefix of a header, and: a v1 line without its CRLF within 107
+    bytes, a bare CR or LF in it, leading zeros, more than one space; a v2 version other than 2, a
+    command, family or transport the spec leaves unassigned, an address block longer than the header,
+    a TLV that overruns it, a CRC32C TLV that is not 4 bytes, repeated, or does not match (verified: the
+    spec's MUST when the receiver supports it, and a wrong one means the header was damaged or forged).
+    """
+    _check_buffer(data)
+    if not data:
+        return _PROXY_MORE
+    if data[0] == 0x0D:
+        return _proxy_v2(bytes(data[:65551]))  # 16 + the largest 16-bit length: all a header can use
+    return _proxy_v1(bytes(data[:PROXY_V1_MAX]))
+
+
+def _proxy_v2(data):
+    n = len(data)
+    if data[:12] != _V2_SIGNATURE[:n]:
+        return _PROXY_BAD
+    if n < 13:
+        return _PROXY_MORE
+    if data[12] >> 4 != 2 or data[12] & 0xF > 1:  # version 2; LOCAL (0) or PROXY (1)
+        return _PROXY_BAD
+    if n < 14:
+        return _PROXY_MORE
+    family, transport = data[13] >> 4, data[13] & 0xF
+    if family > 3 or transport > 2:
+        return _PROXY_BAD
+    if n < 16:
+        return _PROXY_MORE
+    end = 16 + (data[14] << 8 | data[15])
+    if data[12] & 0xF == 0:
+        # LOCAL: "discard the protocol block including the family"; the length still says how much.
+        return (PROXY_LOCAL, end, None, 0, None, 0, ()) if n >= end else _PROXY_MORE
+    pos = 16 + _V2_ADDRESS_SIZES[family]
+    if pos > end:
+        return _PROXY_BAD
+    if n < end:
+        return _PROXY_MORE
+    tlvs = []
+    crc_at = -1
+    while pos < end:
+        if pos + 3 > end:
+            return _PROXY_BAD
+        kind = data[pos]
+        size = data[pos + 1] << 8 | data[pos + 2]
+        if pos + 3 + size > end:
+            return _PROXY_BAD
+        if kind == PP2_TYPE_CRC32C:
+            if size != 4 or crc_at >= 0:
+                return _PROXY_BAD
+            crc_at = pos + 3
+        tlvs.append((kind, data[pos + 3:pos + 3 + size]))
+        pos += 3 + size
+    if crc_at >= 0:
+        expected = int.from_bytes(data[crc_at:crc_at + 4], "big")
+        if _crc32c(data[:crc_at] + b"\0\0\0\0" + data[crc_at + 4:end]) != expected:
+            return _PROXY_BAD
+    if transport != 1 or family not in (1, 2):
+        # UNSPEC, UNIX, DGRAM: "falls back to the UNSPEC mode for the valid combinations above that it
+        # does not support" (the spec §2.2), i.e. the real endpoints.
+        return PROXY_LOCAL, end, None, 0, None, 0, tuple(tlvs)
+    af, size = (_socket.AF_INET, 4) if family == 1 else (_socket.AF_INET6, 16)
+    src = _socket.inet_ntop(af, data[16:16 + size])
+    dst = _socket.inet_ntop(af, data[16 + size:16 + 2 * size])
+    ports = 16 + 2 * size
+    src_port = data[ports] << 8 | data[ports + 1]
+    dst_port = data[ports + 2] << 8 | data[ports + 3]
+    return PROXY_OK, end, src, src_port, dst, dst_port, tuple(tlvs)
+
+
+def _proxy_v1(data):
+    if data[:6] != _V1_PREFIX[:len(data)]:
+        return _PROXY_BAD
+    eol = data.find(b"\r\n")
+    line = data[:eol] if eol >= 0 else data
+    if eol < 0:
+        if len(data) >= PROXY_V1_MAX:
+            return _PROXY_BAD
+        if line.endswith(b"\r"):
+            line = line[:-1]
+    if b"\r" in line or b"\n" in line:
+        return _PROXY_BAD  # the spec §2.1: a single CR or LF never ends the line
+    words = line[6:].split(b" ")
+    complete = eol >= 0
+    # The proto: "TCP4", "TCP6" or "UNKNOWN" (for UNKNOWN "the receiver must ignore anything presented
+    # before the CRLF").
+    if words[0] == b"UNKNOWN" and (complete or len(words) > 1):
+        return (PROXY_LOCAL, eol + 2, None, 0, None, 0, ()) if complete else _PROXY_MORE
+    if len(words) > 5 or (complete and len(words) != 5):
+        return _PROXY_BAD
+    if len(words) == 1:
+        if complete or not any(p.startswith(words[0]) for p in _V1_PROTOCOLS):
+            return _PROXY_BAD
+        return _PROXY_MORE
+    if words[0] not in (b"TCP4", b"TCP6"):
+        return _PROXY_BAD
+    af = _socket.AF_INET if words[0] == b"TCP4" else _socket.AF_INET6
+    addresses = []
+    for i, word in enumerate(words[1:], 1):
+        last = i == len(words) - 1 and not complete
+        if i <= 2:
+            if last:
+                return _PROXY_MORE if _address_prefix(word, af) else _PROXY_BAD
+            address = _address(word, af)
+            if address is None:
+                return _PROXY_BAD
+            addresses.append(address)
+        elif not _port_prefix(word) or (not last and not word):
+            return _PROXY_BAD
+    if not complete:
+        return _PROXY_MORE
+    return PROXY_OK, eol + 2, addresses[0], int(words[3]), addresses[1], int(words[4]), ()
+
+
+def _address(word, af):
+    # The spec §2.1: IPv4 as four decimal numbers without leading zeros, IPv6 as RFC 4291 text; glibc's
+    # inet_pton accepts exactly that (it refuses "01.2.3.4", "1.2.3" and "0x1.2.3.4").
+    if not word or not set(word) <= _HEX_ADDRESS:
+        return None
+    try:
+        return _socket.inet_ntop(af, _socket.inet_pton(af, word.decode("ascii")))
+    except OSError:
+        return None
+
+
+def _address_prefix(word, af):
+    # Can `word` still grow into an address of family `af`? Exact for IPv4; for IPv6 only the alphabet
+    # and the length (the line is judged again when its CRLF arrives, within 107 bytes anyway).
+    if not set(word) <= _HEX_ADDRESS:
+        return False
+    if af == _socket.AF_INET6:
+        return len(word) <= _IPV6_TEXT_MAX
+    parts = word.split(b".")
+    if len(parts) > 4:
+        return False
+    for i, part in enumerate(parts):
+        if not part:
+            if i != len(parts) - 1:
+                return False
+        elif not part.isdigit() or len(part) > 3 or (len(part) > 1 and part[0] == 0x30) or int(part) > 255:
+            return False
+    return True
+
+
+def _port_prefix(word):
+    # The spec §2.1: a port is a decimal integer in [0..65535] without leading zeros. Also true for
+    # every prefix of one (the empty word included).
+    if not word:
+        return True
+    return word.isdigit() and len(word) <= 5 and (len(word) == 1 or word[0] != 0x30) and int(word) <= 65535
+
+
+def _address_bytes(ip, what):
+    if not isinstance(ip, str):
+        raise TypeError(f"{what} must be a str")
+    for af in (_socket.AF_INET, _socket.AF_INET6):
+        try:
+            return af, _socket.inet_pton(af, ip)
+        except (OSError, ValueError):  # ValueError: an embedded NUL
+            pass
+    raise ValueError(f"{what} is not an IP address: {ip!r}")
+
+
+def _proxy_endpoints(src_ip, src_port, dst_ip, dst_port):
+    src_af, src = _address_bytes(src_ip, "src_ip")
+    dst_af, dst = _address_bytes(dst_ip, "dst_ip")
+    for what, port in (("src_port", src_port), ("dst_port", dst_port)):
+        if not isinstance(port, int):
+            raise TypeError(f"{what} must be an int")
+        if not 0 <= port <= 65535:
+            raise ValueError(f"{what} must be in [0, 65535]")
+    if src_af != dst_af:
+        # The header carries one family; an IPv4 address is written as its IPv4-mapped IPv6 form
+        # (RFC 4291 §2.5.5.2), which is what a dual-stack socket reports for it anyway.
+        if src_af == _socket.AF_INET:
+            src = b"\0" * 10 + b"\xff\xff" + src
+        else:
+            dst = b"\0" * 10 + b"\xff\xff" + dst
+    return (_socket.AF_INET6 if src_af != dst_af else src_af), src, dst
+
+
+def proxy_header_v1(src_ip, src_port, dst_ip, dst_port):
+    """The PROXY protocol v1 line for a TCP connection (the spec §2.1), addresses in canonical text."""
+    af, src, dst = _proxy_endpoints(src_ip, src_port, dst_ip, dst_port)
+    return b"PROXY %s %s %s %d %d\r\n" % (
+        b"TCP4" if af == _socket.AF_INET else b"TCP6",
+        _socket.inet_ntop(af, src).encode("ascii"),
+        _socket.inet_ntop(af, dst).encode("ascii"),
+        src_port,
+        dst_port,
+    )
+
+
+def proxy_header_v2(src_ip, src_port, dst_ip, dst_port):
+    """The PROXY protocol v2 header for a TCP connection (the spec §2.2): PROXY command, STREAM, no TLV."""
+    af, src, dst = _proxy_endpoints(src_ip, src_port, dst_ip, dst_port)
+    family = b"\x11\x00\x0c" if af == _socket.AF_INET else b"\x21\x00\x24"
+    return _V2_SIGNATURE + b"\x21" + family + src + dst + src_port.to_bytes(2, "big") + dst_port.to_bytes(2, "big")
