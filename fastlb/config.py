@@ -47,15 +47,22 @@ __all__ = [
     "DEFAULT_LISTEN",
     "ENV_KEYS",
     "Address",
+    "AcmeSpec",
     "AdminSpec",
     "BackendSpec",
+    "BackendTlsSpec",
     "CertSpec",
+    "ClientAuthSpec",
     "Config",
     "ConfigError",
     "HealthSpec",
+    "HeaderRulesSpec",
+    "HooksSpec",
     "LimitsSpec",
     "ListenerSpec",
     "LogSpec",
+    "PassthroughSpec",
+    "RateLimitSpec",
     "RouteSpec",
     "ServerSection",
     "ServerSpec",
@@ -402,10 +409,15 @@ class _Path(_Kind):
     label = "path"
 
     def __init__(
-        self, readable: bool = False, keep: tuple[str, ...] = ("",), label: str | None = None
+        self,
+        readable: bool = False,
+        keep: tuple[str, ...] = ("",),
+        label: str | None = None,
+        what: str = "certificate",
     ) -> None:
         self.readable = readable
         self.keep = keep
+        self.what = what  # names the file in the "cannot read" reason
         if label:
             self.label = label
 
@@ -422,7 +434,7 @@ class _Path(_Kind):
                 with open(path, "rb"):
                     pass
             except OSError as e:
-                raise _Bad(f"cannot read certificate: {e}") from None
+                raise _Bad(f"cannot read {self.what}: {e}") from None
         return path
 
     def show(self, default: Any) -> str:
@@ -573,6 +585,62 @@ def _check_health_host(text: str) -> str:
     return text
 
 
+def _check_sni_name(text: str) -> str:
+    name = text.lower()
+    exact = name[2:] if name.startswith("*.") else name
+    # RFC 6066 section 3: a ClientHello's server_name is a DNS host name, never an IP literal, and has
+    # no trailing dot; a wildcard (RFC 6125 section 6.4.3) is a whole first label.
+    if "*" in exact:
+        raise _Bad(f"{text!r}: '*' is only allowed as the whole first label, as in *.example.com")
+    why = _host_problem(exact) if exact else "must not be empty"
+    if why is None and (_IPV4_LIKE.fullmatch(exact) or ":" in exact):
+        why = f"{text!r}: an IP address is never sent as SNI"
+    if why:
+        raise _Bad(why)
+    return name
+
+
+SEND_PROXY_VERSIONS = ("", "v1", "v2")
+
+
+def _check_upstream_name(text: str) -> str:
+    # The name a backend's certificate is verified against (RFC 6125): a DNS name, or an IP literal,
+    # which Python's ssl checks against the certificate's IP addresses and never sends as SNI.
+    name = text.lower().rstrip(".")
+    if ":" in name:
+        try:
+            return str(ipaddress.IPv6Address(name))
+        except ValueError:
+            raise _Bad(f"{text!r} is neither a host name nor an IP address") from None
+    why = _host_problem(name) if name else "must not be empty"
+    if why:
+        raise _Bad(why)
+    return name
+
+
+def _check_send_proxy(text: str) -> str:
+    if text not in SEND_PROXY_VERSIONS:
+        raise _Bad(f'must be "", "v1" or "v2"; got {text!r}')
+    return text
+
+
+def _check_acme_name(text: str) -> str:
+    name = text.lower().rstrip(".")
+    if name.startswith("*."):
+        # RFC 8555 section 7.1.3: a wildcard can only be validated by DNS-01, which fastlb does not do.
+        raise _Bad(f"{text!r}: wildcard names need the DNS-01 challenge, which fastlb does not do")
+    why = _host_problem(name) if name else "must not be empty"
+    if why or _IPV4_LIKE.fullmatch(name):
+        raise _Bad(why or f"{text!r}: an IP address is not a DNS name")
+    return name
+
+
+def _check_acme_directory(text: str) -> str:
+    if text and not text.startswith(("https://", "http://")):
+        raise _Bad(f"{text!r} is not an http(s) URL")
+    return text
+
+
 def _optional_name(text: str) -> str | None:
     return text or None
 
@@ -676,7 +744,8 @@ DEFAULT_CIPHERS = (
 
 DEFAULT_LISTEN = Address("0.0.0.0", 8080)
 
-FAIL_KINDS = ("connect", "timeout", "reset", "invalid")
+# "tls": the server's certificate failed verification, or the TLS handshake failed (fastlb/net/upstream_tls.py).
+FAIL_KINDS = ("connect", "timeout", "reset", "invalid", "tls")
 BALANCE_ALGORITHMS = ("roundrobin", "leastconn", "p2c", "hash", "random")
 
 
@@ -684,6 +753,55 @@ BALANCE_ALGORITHMS = ("roundrobin", "leastconn", "p2c", "hash", "random")
 class ServerSpec:
     address: Address = _setting(None, _ADDRESS, "server address", required=True)
     weight: int = _setting(1, _Int(0, 256), "relative share of requests; 0 = no new requests")
+    server_name: str | None = _setting(
+        None, _Str(_check_upstream_name), "TLS to this server: the SNI and the name verified (overrides the backend's)"
+    )
+
+
+def _check_alpn(text: str) -> str:
+    # fastlb speaks HTTP/1.1 to backends: offering h2 would let a backend pick a protocol fastlb then
+    # does not speak on that connection.
+    if text not in ("http/1.1", "http/1.0"):
+        raise _Bad(f'fastlb speaks HTTP/1.x to backends: "http/1.1" or "http/1.0", not {text!r}')
+    return text
+
+
+class _AlpnList(_ListOf):
+    """A TOML list, or comma-separated in a variable (``FASTLB_BACKENDS_TLS_ALPN=http/1.1``)."""
+
+    from_env = True
+    label = "comma-separated ALPN protocols"
+    toml_label = "list of ALPN protocols"
+
+    def parse(self, value: object, key: str, ctx: _Ctx) -> tuple[Any, ...]:
+        if isinstance(value, _Text):
+            items = [_Text(item.strip(), value.source, value.var) for item in value.split(",") if item.strip()]
+            return tuple(self.item.parse(item, key, ctx) for item in items)
+        return super().parse(value, key, ctx)
+
+    def show(self, default: Any) -> str:
+        return ",".join(default) or "none"
+
+
+@dataclass(frozen=True, slots=True)
+class BackendTlsSpec:
+    """``[backends.NAME.tls]``: TLS from fastlb to this backend's servers (fastlb/net/upstream_tls.py)."""
+
+    enabled: bool = _setting(True, _Bool(), "encrypt connections to the servers (the table's presence turns it on)")
+    ca: str = _setting(
+        "", _Path(readable=True, what="CA bundle"), 'CA bundle (PEM) that verifies the servers; "" = the system store'
+    )
+    verify: bool = _setting(True, _Bool(), "verify the server's certificate and name (false is logged at start)")
+    server_name: str | None = _setting(
+        None, _Str(_check_upstream_name), "SNI and name verified (default: each server's host)"
+    )
+    sni_from_host: bool = _setting(
+        False, _Bool(), "SNI and name verified are the request's Host (a server entry's server_name still wins)"
+    )
+    cert: str = _setting("", _Path(readable=True), 'client certificate chain (PEM) for mTLS; "" = none')
+    key: str = _setting("", _Path(readable=True, what="private key"), 'private key (PEM) of cert; "" = none')
+    min_version: str = _setting("1.2", _TlsVersion(), "lowest TLS version offered")
+    alpn: tuple[str, ...] = _setting(("http/1.1",), _AlpnList(_Str(_check_alpn)), "ALPN protocols offered")
 
 
 @dataclass(frozen=True, slots=True)
@@ -724,6 +842,133 @@ class BackendSpec:
     )
     fail_timeout: float = _setting(10.0, _Duration(), "how long an ejected server stays out (doubles on repeats)")
     slow_start: float = _setting(0.0, _Duration(), "ramp-up time of a recovered server's weight")
+    send_proxy: str = _setting(
+        "",
+        _Str(_check_send_proxy, '"", v1 or v2'),
+        'PROXY protocol header sent first on every connection to a server (v1 text, v2 binary); "" = none',
+    )
+    tls: BackendTlsSpec | None = _setting(
+        None, _Table(BackendTlsSpec), "TLS to the servers (none if absent: plain TCP)"
+    )
+
+
+# Route policies and hooks (issue 17; fastlb/policy/, fastlb/hooks.py).
+
+# Fields fastlb frames the message or the connection with (RFC 9112 §6, RFC 9110 §7.6.1): a header rule
+# cannot touch them (fastlb/policy/headers.py refuses them the same way at run time).
+_PROTECTED_FIELDS = (
+    "content-length", "transfer-encoding", "connection", "keep-alive", "te", "trailer", "upgrade",
+    "proxy-connection",
+)
+
+
+def _check_header_name(text: str) -> str:
+    if not _TOKEN.fullmatch(text):
+        raise _Bad(f"{text!r} is not a header name")
+    if text.lower() in _PROTECTED_FIELDS:
+        raise _Bad(f"{text!r} frames the message or the connection: fastlb owns it")
+    return text
+
+
+class _HeaderMap(_Kind):
+    """``{ "X-A" = "1", ... }``: header names to values, in file order."""
+
+    from_env = False
+    label = "table of header: value"
+
+    def parse(self, value: object, key: str, ctx: _Ctx) -> tuple[tuple[str, str], ...]:
+        if not isinstance(value, dict):
+            raise _error_at(value, key, ctx, f"expected a table, got {_type_name(value)}")
+        pairs = []
+        for name, text in value.items():
+            try:
+                _check_header_name(name)
+                _expect(text, (str,), "a string")
+                if any(c in text for c in "\r\n\0"):
+                    raise _Bad("a header value cannot hold CR, LF or NUL")
+            except _Bad as e:
+                raise _file_error(ctx, f"{key}.{name}", str(e)) from None
+            pairs.append((name, text))
+        return tuple(pairs)
+
+    def show(self, default: Any) -> str:
+        return "none"
+
+
+_RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+class _Rate(_Kind):
+    label = "rate such as 100/s"
+
+    def toml(self, value: object, ctx: _Ctx) -> float:
+        _expect(value, (str,), 'a rate such as "100/s"')
+        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*/\s*(s|m|h)\s*", str(value))
+        if match is None:
+            raise _Bad(f'expected a rate such as "100/s", "600/m" or "10/h", got {value!r}')
+        per_second = float(match.group(1)) / _RATE_UNITS[match.group(2)]
+        if not 1 / 3600 <= per_second <= 1_000_000:
+            raise _Bad(f"{value!r} is outside 1/h to 1000000/s")
+        return per_second
+
+    def show(self, default: Any) -> str:
+        return "none" if default is None else f"{default:g}/s"
+
+
+def _check_rate_key(text: str) -> str:
+    if text == "uri":
+        raise _Bad("must be client_ip, header:NAME or cookie:NAME; got 'uri'")
+    return _check_hash_on(text)
+
+
+_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def _check_module_name(text: str) -> str:
+    if text and not _MODULE.fullmatch(text):
+        raise _Bad(f"{text!r} is not a dotted Python module name")
+    return text
+
+
+def _check_hook_ref(text: str) -> str:
+    module, colon, function = text.rpartition(":")
+    if text and not (_MODULE.fullmatch(function) and "." not in function and (not colon or _MODULE.fullmatch(module))):
+        raise _Bad(f'{text!r}: expected "module:function", or "function" of the [hooks] module')
+    return text
+
+
+def _check_rewrite(text: str) -> str:
+    return _check_route_path(text) if text else text
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderRulesSpec:
+    set: tuple[tuple[str, str], ...] = _setting((), _HeaderMap(), "fields set (replacing any of that name)")
+    remove: tuple[str, ...] = _setting((), _ListOf(_Str(_check_header_name)), "fields removed")
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitSpec:
+    rate: float = _setting(None, _Rate(), "sustained rate per key, as 100/s, 600/m or 10/h", required=True)
+    burst: int = _setting(1, _Int(1, 1_000_000), "requests a key may make at once above the rate")
+    key: str = _setting(
+        "client_ip", _Str(_check_rate_key, "client_ip|header:NAME|cookie:NAME"),
+        "what a bucket is kept per (a request without the header or cookie is counted by client_ip)",
+    )
+    max_keys: int = _setting(
+        65536, _Int(8, 1 << 24),
+        "keys tracked at once, host-wide (8 bytes each, rounded up to a power of two); the least "
+        "recently seen go first",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class HooksSpec:
+    module: str = _setting(
+        "", _Str(_check_module_name, "module"),
+        'Python module (on the import path) whose on_request/on_response run on every route; "" = none',
+    )
+    timeout: float = _setting(1.0, _Duration(positive=True), "how long an async hook may take (504 after)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -734,6 +979,36 @@ class RouteSpec:
     path: str = _setting("/", _Str(_check_route_path), "URL path")
     match: str = _setting("prefix", _Choice("prefix", "exact"), "prefix (whole segments) or exact")
     backend: str = _setting("", _Str(_check_nonempty), "backend name", required=True)
+    require_client_cert: bool = _setting(
+        False, _Bool(), "refuse a request whose connection has no verified client certificate (needs [tls.client_auth])"
+    )
+    allow: tuple[str, ...] = _setting((), _Cidrs(), "client addresses served; others get 403 (none = all)")
+    deny: tuple[str, ...] = _setting((), _Cidrs(), "client addresses refused with 403 (checked before allow)")
+    rate_limit: RateLimitSpec | None = _setting(
+        None, _Table(RateLimitSpec), "host-wide token bucket per key; over it, 429 with Retry-After"
+    )
+    basic_auth: str = _setting(
+        "", _Path(label="path"), 'htpasswd file of bcrypt hashes; without a valid user, 401; "" = off'
+    )
+    request_headers: HeaderRulesSpec | None = _setting(
+        None, _Table(HeaderRulesSpec), "fields set and removed on the request sent upstream"
+    )
+    response_headers: HeaderRulesSpec | None = _setting(
+        None, _Table(HeaderRulesSpec), "fields set and removed on the response sent to the client"
+    )
+    rewrite_prefix: str = _setting(
+        "", _Str(_check_rewrite, "path"), 'replaces the matched path prefix upstream; "" = none'
+    )
+    hook: str = _setting(
+        "", _Str(_check_hook_ref, "module:function"),
+        "on_request function for this route, instead of the [hooks] module's",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PassthroughSpec:
+    sni: str = _setting("", _Str(_check_sni_name), "exact server name or *.example.com", required=True)
+    backend: str = _setting("", _Str(_check_nonempty), "backend the connection is spliced to", required=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -741,12 +1016,41 @@ class ListenerSpec:
     address: Address = _setting(None, _ADDRESS, "address to listen on", required=True)
     tls: bool = _setting(False, _Bool(), "terminate TLS on this listener")
     redirect_to_https: bool = _setting(False, _Bool(), "answer every request with a redirect to https")
+    proxy_protocol: bool = _setting(
+        False, _Bool(), "expect a PROXY protocol v1/v2 header first, from server.trusted_proxies only"
+    )
+    passthrough: tuple[PassthroughSpec, ...] = _setting(
+        (),
+        _ListOf(_Table(PassthroughSpec)),
+        "TLS connections whose SNI matches are spliced, never decrypted, to a backend (TLS listeners only)",
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class CertSpec:
-    cert: str = _setting("", _Path(readable=True), "certificate chain (PEM)", required=True)
-    key: str = _setting("", _Path(readable=True), "private key (PEM)", required=True)
+    # cert and key are required unless acme = true (_check_cert_spec): then fastlb obtains them.
+    cert: str = _setting("", _Path(readable=True), "certificate chain (PEM)")
+    key: str = _setting("", _Path(readable=True), "private key (PEM)")
+    acme: bool = _setting(False, _Bool(), "obtain and renew this certificate from the [acme] CA")
+    names: tuple[str, ...] = _setting(
+        (), _ListOf(_Str(_check_acme_name)), "with acme: the DNS names the certificate covers (first = its name)"
+    )
+
+
+CLIENT_AUTH_MODES = ("require", "optional")
+
+
+@dataclass(frozen=True, slots=True)
+class ClientAuthSpec:
+    ca: str = _setting(
+        "", _Path(readable=True), "CA certificates (PEM) client certificates must chain to", required=True
+    )
+    mode: str = _setting(
+        "require", _Choice(*CLIENT_AUTH_MODES), "require: no certificate, no handshake; optional: verified if sent"
+    )
+    crl: str = _setting(
+        "", _Path(readable=True, what="CRL"), 'revoked client certificates: PEM CRLs of the ca issuers; "" = none'
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -758,8 +1062,42 @@ class TlsSpec:
         (),
         _ListOf(_Table(CertSpec)),
         "certificates: each serves the names in its subjectAltName (SNI); the first also serves clients "
-        "that send no name or an unknown one",
+        "that send no name or an unknown one (unless strict_sni)",
     )
+    strict_sni: bool = _setting(
+        False,
+        _Bool(),
+        "refuse a handshake whose SNI names no certificate, or that has none, with the unrecognized_name alert",
+    )
+    client_auth: ClientAuthSpec | None = _setting(
+        None, _Table(ClientAuthSpec), "client certificates (mutual TLS) on every TLS listener; none if absent"
+    )
+
+
+ACME_CHALLENGES = ("http-01", "tls-alpn-01")
+
+
+@dataclass(frozen=True, slots=True)
+class AcmeSpec:
+    directory: str = _setting(
+        "", _Str(_check_acme_directory, "URL"),
+        'the CA\'s ACME directory URL (RFC 8555 section 7.1.1); "" = no ACME'
+    )
+    email: str = _setting("", _Str(), "contact address given to the CA for expiry notices")
+    directory_ca: str = _setting(
+        "", _Path(readable=True), 'CA bundle (PEM) the directory\'s HTTPS is verified with; "" = system store'
+    )
+    storage: str = _setting(
+        "", _Path(),
+        'directory for the account key and certificates; "" = /var/lib/fastlb/acme as root, else '
+        "$XDG_DATA_HOME/fastlb/acme or ~/.local/share/fastlb/acme",
+    )
+    challenge: str = _setting("http-01", _Choice(*ACME_CHALLENGES), "how the CA checks that we serve a name")
+    renew_before: float = _setting(
+        30 * 86400.0, _Duration(positive=True), "renew a certificate this long before it expires"
+    )
+    eab_kid: str = _setting("", _Str(), "External Account Binding key id (ZeroSSL, some private CAs)")
+    eab_hmac_key: str = _setting("", _Str(), "External Account Binding HMAC key (base64url)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -815,6 +1153,18 @@ class ServerSection:
     group: str = _setting("", _Str(), 'group to switch to after binding; "" = stay')
     trusted_proxies: tuple[str, ...] = _setting((), _Cidrs(), "peers whose X-Forwarded-For is kept")
     heartbeat_timeout: float = _setting(10.0, _Duration(), "a worker silent this long is killed and replaced")
+    drain_delay: float = _setting(
+        0.0,
+        _Duration(),
+        "on TERM, /healthz answers 503 at once and the listeners keep serving this long before the "
+        "graceful drain, so an L4 balancer's health check takes the node out first",
+    )
+    watch: bool = _setting(
+        False,
+        _Bool(),
+        "reload when the config file, a certificate or an --ingress manifest changes (debounced; "
+        "follows Kubernetes' ..data symlink swap of mounted ConfigMaps and Secrets)",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -827,9 +1177,11 @@ class Config:
         f"listening sockets; with none configured, one plain listener on {DEFAULT_LISTEN}",
     )
     tls: TlsSpec = _section(TlsSpec, "TLS settings", env=True)
+    acme: AcmeSpec = _section(AcmeSpec, "automatic certificates (ACME, RFC 8555)", env=True)
     admin: AdminSpec = _section(AdminSpec, "admin listener", env=True)
     limits: LimitsSpec = _section(LimitsSpec, "client request limits", env=True)
     log: LogSpec = _section(LogSpec, "logging", env=True)
+    hooks: HooksSpec = _section(HooksSpec, "Python hooks (fastlb.hooks)", env=True)
     routes: tuple[RouteSpec, ...] = _setting(
         (), _ListOf(_Table(RouteSpec)), "routing table: the most specific host wins, then the longest path"
     )
@@ -905,6 +1257,14 @@ def _key_hint(settings: dict[str, dataclasses.Field[Any]], key: str, name: str) 
 def _check_listener(listener: ListenerSpec, raw: dict[str, Any], key: str, ctx: _Ctx) -> None:
     if listener.tls and listener.redirect_to_https:
         raise _file_error(ctx, f"{key}.redirect_to_https", "a TLS listener cannot redirect to https")
+    if listener.passthrough and not listener.tls:
+        raise _file_error(ctx, f"{key}.passthrough", "SNI passthrough needs tls = true: SNI is in a TLS ClientHello")
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(listener.passthrough):
+        if entry.sni in seen:
+            reason = f"duplicate sni {entry.sni!r} (also passthrough[{seen[entry.sni]}])"
+            raise _file_error(ctx, f"{key}.passthrough[{i}].sni", reason)
+        seen[entry.sni] = i
 
 
 def _check_backend(backend: BackendSpec, raw: dict[str, Any], key: str, ctx: _Ctx) -> None:
@@ -918,10 +1278,98 @@ def _check_backend(backend: BackendSpec, raw: dict[str, Any], key: str, ctx: _Ct
         seen[server.address] = i
 
 
+def _check_cert_spec(spec: CertSpec, raw: dict[str, Any], key: str, ctx: _Ctx) -> None:
+    if spec.acme:
+        if not spec.names:
+            raise _file_error(ctx, f"{key}.names", "acme = true needs the names to obtain a certificate for")
+        for name in ("cert", "key"):
+            if name in raw:
+                raise _file_error(ctx, f"{key}.{name}", "not allowed with acme = true: fastlb obtains it")
+        return
+    if spec.names:
+        raise _file_error(ctx, f"{key}.names", "only for acme = true (a file's names are its subjectAltName)")
+    for name in ("cert", "key"):
+        if name not in raw:
+            raise _file_error(ctx, f"{key}.{name}", "missing required key")
+
+
+def _check_acme(config: Config, raw: dict[str, Any], ctx: _Ctx) -> None:
+    managed = [i for i, spec in enumerate(config.tls.certificates) if spec.acme]
+    if not managed:
+        return
+    acme = config.acme
+    if not acme.directory:
+        raise _file_error(ctx, f"tls.certificates[{managed[0]}].acme", "needs [acme] directory")
+    if bool(acme.eab_kid) != bool(acme.eab_hmac_key):
+        raise _file_error(ctx, "acme.eab_kid" if not acme.eab_kid else "acme.eab_hmac_key",
+                          "eab_kid and eab_hmac_key go together")
+    # RFC 8555 section 8.3 / RFC 8737 section 3: the CA connects to port 80 or 443 of the name; the
+    # listener that answers there must exist.
+    tls = acme.challenge == "tls-alpn-01"
+    if not any(listener.tls == tls for listener in config.listeners):
+        kind = "TLS" if tls else "plain"
+        raise _file_error(ctx, "acme.challenge", f"{acme.challenge} needs a {kind} listener")
+
+
+def _check_route_policies(config: Config, raw: dict[str, Any], ctx: _Ctx) -> None:
+    """Import the hook modules and read the htpasswd files now, in the master: a typo, an import error or
+    an unusable file fails `fastlb check` and refuses a reload instead of failing requests later."""
+    from fastlb import hooks
+    from fastlb.policy import basicauth
+
+    raw_routes = raw.get("routes") or []
+
+    def where(i: int, name: str) -> object:
+        return raw_routes[i].get(name) if i < len(raw_routes) and isinstance(raw_routes[i], dict) else None
+
+    fresh: set[str] = set()
+    if config.hooks.module:
+        try:
+            hooks.check_module(config.hooks.module, fresh)
+        except hooks.HookError as e:
+            raise _error_at(raw.get("hooks", {}).get("module"), "hooks.module", ctx, str(e)) from None
+    for i, route in enumerate(config.routes):
+        if route.hook:
+            try:
+                hooks.resolve(route.hook, config.hooks.module, fresh)
+            except hooks.HookError as e:
+                raise _error_at(where(i, "hook"), f"routes[{i}].hook", ctx, str(e)) from None
+        if route.basic_auth:
+            try:
+                basicauth.read_htpasswd(route.basic_auth)
+            except ValueError as e:
+                raise _error_at(where(i, "basic_auth"), f"routes[{i}].basic_auth", ctx, str(e)) from None
+
+
+def _check_backend_tls(tls: BackendTlsSpec, raw: dict[str, Any], key: str, ctx: _Ctx) -> None:
+    for name, other in (("cert", "key"), ("key", "cert")):
+        if getattr(tls, name) and not getattr(tls, other):
+            raise _error_at(raw.get(name), f"{key}.{other}", ctx, f"{other} is required with {name} (mTLS)")
+
+
 _TABLE_CHECKS: dict[type, Callable[[Any, dict[str, Any], str, _Ctx], None]] = {
+    CertSpec: _check_cert_spec,
     ListenerSpec: _check_listener,
     BackendSpec: _check_backend,
+    BackendTlsSpec: _check_backend_tls,
 }
+
+
+def _check_front_door(config: Config, ctx: _Ctx) -> None:
+    """The TLS front door's keys that name another section: client_auth, trusted_proxies, backends."""
+    if config.tls.client_auth is None:
+        for i, route in enumerate(config.routes):
+            if route.require_client_cert:
+                raise _file_error(ctx, f"routes[{i}].require_client_cert", "needs [tls.client_auth]")
+    for i, listener in enumerate(config.listeners):
+        if listener.proxy_protocol and not config.server.trusted_proxies:
+            # A PROXY header names the client; taking it from any peer would let anyone pick its address.
+            reason = "needs server.trusted_proxies: PROXY headers are accepted only from those peers"
+            raise _file_error(ctx, f"listeners[{i}].proxy_protocol", reason)
+        for j, entry in enumerate(listener.passthrough):
+            if entry.backend not in config.backends:
+                reason = f"backend {entry.backend!r} is not defined"
+                raise _file_error(ctx, f"listeners[{i}].passthrough[{j}].backend", reason)
 
 
 def _check_config(config: Config, raw: dict[str, Any], ctx: _Ctx) -> None:
@@ -961,6 +1409,8 @@ def _check_config(config: Config, raw: dict[str, Any], ctx: _Ctx) -> None:
             f"{config.admin.address} is already the address of listeners[{addresses[config.admin.address]}]"
         )
         raise _error_at((raw.get("admin") or {}).get("address"), "admin.address", ctx, reason)
+    _check_acme(config, raw, ctx)
+    _check_front_door(config, ctx)
 
 
 def _check_certificates(config: Config, raw: dict[str, Any], ctx: _Ctx) -> None:
@@ -1019,6 +1469,17 @@ def _setter(path: tuple[str, ...]) -> Callable[[dict[str, Any], _Text], None]:
     return apply
 
 
+def _made_setter(path: tuple[str, ...]) -> Callable[[dict[str, Any], _Text], None]:
+    """Like `_setter`, but a table it creates remembers the variable, for `_check_made`."""
+
+    def apply(tree: dict[str, Any], text: _Text) -> None:
+        table = _subtable(tree, path[:-1], made=text)
+        if table is not None:
+            table[path[-1]] = text
+
+    return apply
+
+
 def _set_listener(tls: bool) -> Callable[[dict[str, Any], _Text], None]:
     def apply(tree: dict[str, Any], text: _Text) -> None:
         listeners = tree.setdefault("listeners", [])
@@ -1061,6 +1522,15 @@ def _set_backends(tree: dict[str, Any], text: _Text) -> None:
     backend["servers"] = items
     if not tree.get("routes"):
         tree["routes"] = [{"path": "/", "backend": "default"}]
+
+
+def _set_backend_tls(name: str) -> Callable[[dict[str, Any], _Text], None]:
+    def apply(tree: dict[str, Any], text: _Text) -> None:
+        table = _subtable(tree, ("backends", "default", "tls"), made=text)
+        if table is not None:
+            table[name] = text
+
+    return apply
 
 
 def _set_balance(tree: dict[str, Any], text: _Text) -> None:
@@ -1135,11 +1605,29 @@ def _env_table() -> dict[str, _EnvVar]:
     )
     balance = _describe("backends.default.balance", _settings(BackendSpec)["balance"])
     add(_EnvVar("FASTLB_BALANCE", balance, _set_balance, key="backends.NAME.balance", scope='backend "default"'))
+    for name, f in _settings(BackendTlsSpec).items():
+        add(
+            _EnvVar(
+                f"FASTLB_BACKENDS_TLS_{name.upper()}",
+                _describe(f"backends.default.tls.{name}", f),
+                _set_backend_tls(name),
+                key=f"backends.NAME.tls.{name}",
+                scope='backend "default"',
+            )
+        )
 
     for top in dataclasses.fields(Config):
         kind = top.metadata.get("kind")
         if top.metadata.get("env_section"):
             for f in _settings(kind.cls).values():
+                if isinstance(f.metadata["kind"], _Table):
+                    # A table inside a section ([tls.client_auth]): FASTLB_TLS_CLIENT_AUTH_CA and so on.
+                    for inner in _settings(f.metadata["kind"].cls).values():
+                        path = (top.name, f.name, inner.name)
+                        doc = _describe(".".join(path), inner)
+                        name = "_".join(("FASTLB", *path)).upper()
+                        add(_EnvVar(name, doc, _made_setter(path), path, ".".join(path)))
+                    continue
                 if not f.metadata["kind"].from_env:
                     continue
                 path = (top.name, f.name)
@@ -1232,6 +1720,9 @@ def _check_made(tree: dict[str, Any]) -> None:
             if name not in made:
                 other = made["key" if name == "cert" else "cert"]
                 raise ConfigError(other.source, other.var, f"{var} must be set too")
+    client_auth = tls.get("client_auth") if isinstance(tls, dict) else None
+    if isinstance(client_auth, _Made) and "ca" not in client_auth:
+        raise ConfigError(client_auth.source, client_auth.var, "FASTLB_TLS_CLIENT_AUTH_CA must be set too")
     backends = tree.get("backends")
     default = backends.get("default") if isinstance(backends, dict) else None
     if isinstance(default, _Made) and "servers" not in default:
@@ -1295,4 +1786,5 @@ def load(
     if merge is not None:
         config = merge(config)
     _check_certificates(config, tree, ctx)
+    _check_route_policies(config, tree, ctx)
     return config

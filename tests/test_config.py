@@ -555,6 +555,37 @@ FILE_ERRORS = [
      "cannot read certificate: [Errno 2] No such file or directory: '{dir}/missing.pem'"),
     ('[[tls.certificates]]\ncert = "site.pem"\nkey = "."\n', "tls.certificates[0].key",
      "cannot read certificate: [Errno 21] Is a directory: '{dir}'"),
+    # the TLS front door: client certificates, strict SNI, PROXY protocol, SNI passthrough
+    ('[tls.client_auth]\nmode = "optional"\n', "tls.client_auth.ca", "missing required key"),
+    ('[tls.client_auth]\nca = "site.pem"\nmode = "always"\n', "tls.client_auth.mode",
+     "must be one of require, optional; got 'always'"),
+    ('[tls.client_auth]\nca = "site.pem"\ncrl = "missing.pem"\n', "tls.client_auth.crl",
+     "cannot read CRL: [Errno 2] No such file or directory: '{dir}/missing.pem'"),
+    ('[tls.client_auth]\nca = "site.pem"\nverify = true\n', "tls.client_auth.verify", "unknown key"),
+    ('[tls]\nstrict_sni = "yes"\n', "tls.strict_sni", "expected a boolean, got string"),
+    ('[[routes]]\npath = "/admin"\nbackend = "api"\nrequire_client_cert = true\n', "routes[1].require_client_cert",
+     "needs [tls.client_auth]"),
+    ('[[listeners]]\naddress = ":8080"\nproxy_protocol = true\n', "listeners[0].proxy_protocol",
+     "needs server.trusted_proxies: PROXY headers are accepted only from those peers"),
+    ('[[listeners]]\naddress = ":8080"\n[[listeners.passthrough]]\nsni = "db.example"\nbackend = "api"\n',
+     "listeners[0].passthrough", "SNI passthrough needs tls = true: SNI is in a TLS ClientHello"),
+    ('[[listeners]]\naddress = ":8443"\ntls = true\n[[listeners.passthrough]]\nsni = "db.example"\nbackend = "db"\n'
+     + TLS_CERT, "listeners[0].passthrough[0].backend", "backend 'db' is not defined"),
+    ('[[listeners]]\naddress = ":8443"\ntls = true\n[[listeners.passthrough]]\nsni = "DB.example"\nbackend = "api"\n'
+     '[[listeners.passthrough]]\nsni = "db.example"\nbackend = "api"\n' + TLS_CERT,
+     "listeners[0].passthrough[1].sni", "duplicate sni 'db.example' (also passthrough[0])"),
+    ('[[listeners]]\naddress = ":8443"\ntls = true\n[[listeners.passthrough]]\nbackend = "api"\n',
+     "listeners[0].passthrough[0].sni", "missing required key"),
+    ('[[listeners]]\naddress = ":8443"\ntls = true\n[[listeners.passthrough]]\nsni = "10.0.0.1"\nbackend = "api"\n',
+     "listeners[0].passthrough[0].sni", "'10.0.0.1': an IP address is never sent as SNI"),
+    ('[[listeners]]\naddress = ":8443"\ntls = true\n[[listeners.passthrough]]\nsni = "a.*.example"\nbackend = "api"\n',
+     "listeners[0].passthrough[0].sni", "'a.*.example': '*' is only allowed as the whole first label, as in *.example.com"),
+    ('[[listeners]]\naddress = ":8443"\ntls = true\n[[listeners.passthrough]]\nsni = "db.example:443"\nbackend = "api"\n',
+     "listeners[0].passthrough[0].sni", "'db.example:443' is not a valid host name"),
+    ('[backends.web]\nservers = ["127.0.0.1:1"]\nsend_proxy = "v3"\n', "backends.web.send_proxy",
+     'must be "", "v1" or "v2"; got \'v3\''),
+    ('[backends.web]\nservers = ["127.0.0.1:1"]\nsend_proxy = 2\n', "backends.web.send_proxy",
+     "expected a string, got integer"),
 ]
 
 
@@ -617,6 +648,14 @@ ENV_ERRORS = [
     ({"FASTLB_SERVER_TRUSTED_PROXIES": "10.0.0.0/8,bad"}, "FASTLB_SERVER_TRUSTED_PROXIES",
      "invalid CIDR 'bad': 'bad' does not appear to be an IPv4 or IPv6 network"),
     ({"FASTLB_LISTEN": "127.0.0.1:9900"}, "FASTLB_LISTEN", "duplicate listener 127.0.0.1:9900 (also listeners[0])"),
+    ({"FASTLB_TLS_CLIENT_AUTH_MODE": "optional"}, "FASTLB_TLS_CLIENT_AUTH_MODE",
+     "FASTLB_TLS_CLIENT_AUTH_CA must be set too"),
+    ({"FASTLB_TLS_CLIENT_AUTH_CA": "site.pem", "FASTLB_TLS_CLIENT_AUTH_MODE": "sometimes"}, "FASTLB_TLS_CLIENT_AUTH_MODE",
+     "must be one of require, optional; got 'sometimes'"),
+    ({"FASTLB_TLS_CLIENT_AUTH_CA": "nope.pem"}, "FASTLB_TLS_CLIENT_AUTH_CA",
+     "cannot read certificate: [Errno 2] No such file or directory: '{dir}/nope.pem'"),
+    ({"FASTLB_TLS_STRICT_SNI": "strict"}, "FASTLB_TLS_STRICT_SNI",
+     "expected a boolean (1/0, true/false, yes/no, on/off), got 'strict'"),
 ]
 
 
@@ -782,6 +821,70 @@ def test_route_hosts(confdir: Path, host: str, stored: str) -> None:
     assert load(path, {}).routes[0].host == stored
 
 
+def test_tls_front_door_keys(confdir: Path) -> None:
+    path = write(
+        confdir,
+        BASE
+        + """
+        [server]
+        trusted_proxies = ["10.0.0.0/8"]
+
+        [[listeners]]
+        address = ":8443"
+        tls = true
+        proxy_protocol = true
+        [[listeners.passthrough]]
+        sni = "DB.Example.com"
+        backend = "db"
+        [[listeners.passthrough]]
+        sni = "*.internal.example"
+        backend = "api"
+        [[listeners]]
+        address = ":8080"
+
+        [tls]
+        strict_sni = true
+        [tls.client_auth]
+        ca = "other.pem"
+        mode = "optional"
+        crl = "other.key"
+        [[tls.certificates]]
+        cert = "site.pem"
+        key = "site.key"
+
+        [[routes]]
+        path = "/admin"
+        backend = "api"
+        require_client_cert = true
+
+        [backends.db]
+        servers = ["127.0.0.1:5432"]
+        send_proxy = "v2"
+        """,
+    )
+    config = load(path, {})
+    assert config.listeners[0].proxy_protocol and not config.listeners[1].proxy_protocol
+    assert config.listeners[0].passthrough == (
+        cfg.PassthroughSpec(sni="db.example.com", backend="db"),
+        cfg.PassthroughSpec(sni="*.internal.example", backend="api"),
+    )
+    assert config.listeners[1].passthrough == ()
+    assert config.tls.strict_sni is True
+    assert config.tls.client_auth == cfg.ClientAuthSpec(
+        ca=str(confdir / "other.pem"), mode="optional", crl=str(confdir / "other.key")
+    )
+    assert [route.require_client_cert for route in config.routes] == [False, True]
+    assert (config.backends["api"].send_proxy, config.backends["db"].send_proxy) == ("", "v2")
+    # Off by default, and the table is absent unless written.
+    defaults = load(None, {})
+    assert (defaults.tls.strict_sni, defaults.tls.client_auth) == (False, None)
+    assert defaults.listeners[0].proxy_protocol is False and defaults.listeners[0].passthrough == ()
+    # From variables: the table is made, relative paths follow the working directory.
+    env = load(None, {"FASTLB_TLS_CLIENT_AUTH_CA": "site.pem", "FASTLB_TLS_STRICT_SNI": "yes"})
+    assert env.tls.client_auth == cfg.ClientAuthSpec(ca=str(confdir / "site.pem"))
+    assert env.tls.strict_sni is True
+
+
 def test_hash_on_forms(confdir: Path) -> None:
     for value, stored in [("client_ip", "client_ip"), ("uri", "uri"), ("header:X-Tenant", "header:x-tenant"),
                           ("cookie:SessionID", "cookie:SessionID")]:
@@ -799,7 +902,7 @@ SECTIONS = {"server": ServerSection, "tls": TlsSpec, "admin": AdminSpec, "limits
 def test_env_keys_cover_every_scalar_key() -> None:
     for section, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
-            if f.name == "certificates":
+            if f.name in ("certificates", "client_auth"):  # tables: FASTLB_TLS_CERT/KEY, FASTLB_TLS_CLIENT_AUTH_*
                 continue
             name = f"FASTLB_{section}_{f.name}".upper()
             assert name in ENV_KEYS, name
@@ -832,9 +935,13 @@ def test_every_env_key_is_read(confdir: Path, name: str) -> None:
         "FASTLB_ADMIN_LISTEN": ":9999", "FASTLB_LOG_ACCESS": "stdout", "FASTLB_LOG_FORMAT": "json",
         "FASTLB_LOG_LEVEL": "debug", "FASTLB_LISTEN": ":9998", "FASTLB_BACKENDS": "127.0.0.1:2",
         "FASTLB_DEFAULT_BACKEND": "default", "FASTLB_BALANCE": "p2c", "FASTLB_TLS_LISTEN": ":9997",
-        "FASTLB_TLS_CERT": "other.pem", "FASTLB_TLS_KEY": "other.key",
+        "FASTLB_TLS_CERT": "other.pem", "FASTLB_TLS_KEY": "other.key", "FASTLB_TLS_STRICT_SNI": "on",
+        "FASTLB_TLS_CLIENT_AUTH_CA": "other.pem", "FASTLB_TLS_CLIENT_AUTH_MODE": "optional",
+        "FASTLB_TLS_CLIENT_AUTH_CRL": "other.pem",
     }
     base = {"FASTLB_BACKENDS": "127.0.0.1:1", "FASTLB_TLS_CERT": "site.pem", "FASTLB_TLS_KEY": "site.key"}
+    if name.startswith("FASTLB_TLS_CLIENT_AUTH_") and name != "FASTLB_TLS_CLIENT_AUTH_CA":
+        base["FASTLB_TLS_CLIENT_AUTH_CA"] = "site.pem"  # the table's required key
     value = samples.get(name, "7")
     assert load(None, {**base, name: value}) != load(None, base)
 
