@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import hashlib
 import json
 import os
 import select
@@ -31,7 +32,7 @@ import pytest
 import trustme
 import uvloop
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from tlsutil import (
     DEFAULT_NAMES,
@@ -59,12 +60,21 @@ INTERMEDIATE_CIPHERS = (
 SOURCE = "fastlb.toml"
 
 
-def tls_spec(certificates, min_version="1.2", ciphers=INTERMEDIATE_CIPHERS, handshake_timeout=10.0):
+def tls_spec(
+    certificates,
+    min_version="1.2",
+    ciphers=INTERMEDIATE_CIPHERS,
+    handshake_timeout=10.0,
+    strict_sni=False,
+    client_auth=None,
+):
     return SimpleNamespace(
         min_version=min_version,
         ciphers=ciphers,
         handshake_timeout=handshake_timeout,
         certificates=tuple(SimpleNamespace(cert=cert, key=key) for cert, key in certificates),
+        strict_sni=strict_sni,
+        client_auth=client_auth,
     )
 
 
@@ -621,6 +631,472 @@ def test_bad_min_version(pems):
 
 def test_no_certificates():
     assert "tls.certificates" in _config_error(tls_spec([]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# In-memory handshakes: a client SSLObject and a server SSLObject (from build_server_context) over
+# MemoryBIOs, as fastlb's TLS layer drives OpenSSL. Real OpenSSL on both sides, no sockets: what the
+# server raises and the alert it queues are exactly what that layer gets.
+
+
+def bio_handshake(server_context, client_context=None, *, raw=None, server_hostname="localhost", session=None):
+    """Pumps bytes both ways until both ends finish or one fails.
+
+    `raw`: bytes sent instead of a client's (then the EOF if `raw` ends with None). Returns the two
+    SSLObjects, what the server raised (`error`), the bytes it queued after failing (`sent`) and, when a
+    client took those bytes in, what the client raised (`client_error`, naming the alert it received).
+    """
+    s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    server = server_context.wrap_bio(s_in, s_out, server_side=True)
+    result = SimpleNamespace(server=server, client=None, error=None, sent=b"", client_error=None)
+    if raw is not None:
+        for chunk in raw:
+            s_in.write_eof() if chunk is None else s_in.write(chunk)
+        try:
+            server.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        except (ssl.SSLError, OSError) as exc:
+            result.error = exc
+        result.sent = s_out.read()
+        return result
+    c_in, c_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = client_context.wrap_bio(c_in, c_out, server_hostname=server_hostname, session=session)
+    result.client = client
+    client_done = server_done = False
+    for _ in range(8):
+        if not client_done and result.client_error is None:
+            try:
+                client.do_handshake()
+                client_done = True
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLError as client_exc:  # the client refused us: its alert goes to the server
+                result.client_error = client_exc
+        s_in.write(c_out.read())
+        try:
+            server.do_handshake()
+            server_done = True
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLError as exc:
+            result.error = exc
+            result.sent = s_out.read()
+            if result.client_error is None:
+                c_in.write(result.sent)
+                try:  # TLS 1.3: the client may have finished already; the alert comes with its next read
+                    client.read(1) if client_done else client.do_handshake()
+                except ssl.SSLError as client_exc:
+                    result.client_error = client_exc
+            return result
+        c_in.write(s_out.read())
+        if client_done and server_done:
+            # Application data both ways: the client takes in the TLS 1.3 tickets sent after the handshake.
+            client.write(b"?")
+            s_in.write(c_out.read())
+            assert server.read(1) == b"?"
+            server.write(b"!")
+            c_in.write(s_out.read())
+            assert client.read(1) == b"!"
+            return result
+    raise AssertionError("handshake neither completed nor failed")
+
+
+def plaintext_alert(sent: bytes) -> int | None:
+    """The description of a TLS alert record (RFC 8446 section 6: type 21, then level, description)
+    sent in the clear, or None (nothing sent, or encrypted as TLS 1.3 sends it after the ServerHello)."""
+    if sent[:1] == b"\x15":
+        assert sent[5] == 2, "a fatal alert"
+        return sent[6]
+    return None
+
+
+@pytest.fixture(scope="module")
+def client_pki(tmp_path_factory):
+    """A CA for client certificates, its leaves, a CRL revoking one of them, and a stranger's leaf."""
+    directory = tmp_path_factory.mktemp("clients")
+    authority = trustme.CA()
+    authority.cert_pem.write_to_path(str(directory / "client-ca.pem"))
+    revoked = authority.issue_cert("revoked.example")
+    crl = _crl(authority, [revoked], next_update=days_from_now(1))
+    (directory / "crl.pem").write_bytes(crl)
+    return SimpleNamespace(
+        directory=directory,
+        authority=authority,
+        ca=str(directory / "client-ca.pem"),
+        crl=str(directory / "crl.pem"),
+        good=authority.issue_cert("alice.example", "alice@example.com"),
+        revoked=revoked,
+        stranger=trustme.CA().issue_cert("mallory.example"),
+    )
+
+
+def _crl(authority, revoked_leaves, next_update, last_update=None) -> bytes:
+    key = serialization.load_pem_private_key(authority.private_key_pem.bytes(), password=None)
+    issuer = x509.load_pem_x509_certificate(authority.cert_pem.bytes()).subject
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(issuer)
+        .last_update(last_update or days_from_now(-1))
+        .next_update(next_update)
+    )
+    for leaf in revoked_leaves:
+        serial = x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes()).serial_number
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(days_from_now(-1)).build()
+        )
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def client_auth(client_pki, mode="require", crl=True):
+    return SimpleNamespace(ca=client_pki.ca, mode=mode, crl=client_pki.crl if crl else "")
+
+
+def with_certificate(context, leaf):
+    leaf.configure_cert(context)
+    return context
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Handshake failures: the reason, and the alert the server queued
+
+
+TLS12, TLS13 = ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3
+# alert descriptions (RFC 8446 section 6.2, RFC 5246 section 7.2) and the reason a client reports for each
+PROTOCOL_VERSION, HANDSHAKE_FAILURE, CERTIFICATE_REVOKED, UNKNOWN_CA = 70, 40, 44, 48
+UNRECOGNIZED_NAME, CERTIFICATE_REQUIRED = 112, 116
+CLIENT_SEES = {
+    PROTOCOL_VERSION: "TLSV1_ALERT_PROTOCOL_VERSION",
+    HANDSHAKE_FAILURE: "SSLV3_ALERT_HANDSHAKE_FAILURE",
+    CERTIFICATE_REVOKED: "SSLV3_ALERT_CERTIFICATE_REVOKED",
+    UNKNOWN_CA: "TLSV1_ALERT_UNKNOWN_CA",
+    UNRECOGNIZED_NAME: "TLSV1_UNRECOGNIZED_NAME",
+    CERTIFICATE_REQUIRED: "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+}
+
+
+def _tls11(pems, client_pki):
+    # OpenSSL 3 offers TLS 1.1 only at security level 0.
+    return client_context(pems, minimum=ssl.TLSVersion.TLSv1_1, maximum=ssl.TLSVersion.TLSv1_1, ciphers="DEFAULT:@SECLEVEL=0")
+
+
+def _x448_only(pems, client_pki):
+    context = client_context(pems)
+    tls._set_groups(context, "X448", SOURCE)  # a group the server's list leaves out
+    return context
+
+
+FAILURES = [
+    # (case, client, openssl reason, reason, alert, sent in the clear)
+    ("tls1.1", _tls11, "UNSUPPORTED_PROTOCOL", "unsupported_version", PROTOCOL_VERSION, True),
+    ("no-common-tls1.2-cipher",
+     lambda pems, pki: client_context(pems, maximum=TLS12, ciphers="ECDHE-ECDSA-AES128-SHA"),
+     "NO_SHARED_CIPHER", "no_shared_cipher", HANDSHAKE_FAILURE, True),
+    ("no-common-group", _x448_only, "NO_SUITABLE_KEY_SHARE", "no_shared_cipher", HANDSHAKE_FAILURE, True),
+    ("no-client-cert-tls1.3", lambda pems, pki: client_context(pems, minimum=TLS13),
+     "PEER_DID_NOT_RETURN_A_CERTIFICATE", "bad_client_certificate", CERTIFICATE_REQUIRED, False),
+    ("no-client-cert-tls1.2", lambda pems, pki: client_context(pems, maximum=TLS12),
+     "PEER_DID_NOT_RETURN_A_CERTIFICATE", "bad_client_certificate", HANDSHAKE_FAILURE, True),
+    ("unknown-ca-tls1.3", lambda pems, pki: with_certificate(client_context(pems, minimum=TLS13), pki.stranger),
+     "CERTIFICATE_VERIFY_FAILED", "bad_client_certificate", UNKNOWN_CA, False),
+    ("unknown-ca-tls1.2", lambda pems, pki: with_certificate(client_context(pems, maximum=TLS12), pki.stranger),
+     "CERTIFICATE_VERIFY_FAILED", "bad_client_certificate", UNKNOWN_CA, True),
+    ("revoked-tls1.3", lambda pems, pki: with_certificate(client_context(pems, minimum=TLS13), pki.revoked),
+     "CERTIFICATE_VERIFY_FAILED", "bad_client_certificate", CERTIFICATE_REVOKED, False),
+    ("revoked-tls1.2", lambda pems, pki: with_certificate(client_context(pems, maximum=TLS12), pki.revoked),
+     "CERTIFICATE_VERIFY_FAILED", "bad_client_certificate", CERTIFICATE_REVOKED, True),
+]
+
+
+@pytest.fixture(scope="module")
+def mtls_server_context(pems, client_pki):
+    """Two certificates (so an SNI switch happens too), client certificates required, the CRL on."""
+    return tls.build_server_context(tls_spec([pems.default, pems.rsa], client_auth=client_auth(client_pki)), SOURCE)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # ssl.TLSVersion.TLSv1_1
+@pytest.mark.parametrize("server_hostname", ["localhost", "rsa.example"])
+@pytest.mark.parametrize(
+    ("make_client", "openssl_reason", "reason", "alert", "clear"),
+    [case[1:] for case in FAILURES],
+    ids=[case[0] for case in FAILURES],
+)
+def test_handshake_failure_reason_and_alert(
+    pems, client_pki, mtls_server_context, server_hostname, make_client, openssl_reason, reason, alert, clear
+):
+    done = bio_handshake(mtls_server_context, make_client(pems, client_pki), server_hostname=server_hostname)
+    assert done.error is not None and done.error.reason == openssl_reason, done.error
+    assert tls.handshake_failure_reason(done.error) == reason
+    assert plaintext_alert(done.sent) == (alert if clear else None), done.sent[:8].hex()
+    assert done.client_error is not None and done.client_error.reason == CLIENT_SEES[alert], done.client_error
+
+
+@pytest.mark.parametrize("server_hostname", [None, "unknown.invalid", "wild.example", "a.b.wild.example"])
+def test_strict_sni_refuses_unknown_and_missing_names_with_unrecognized_name(pems, server_hostname):
+    for certificates in ([pems.default], [pems.default, pems.wildcard]):  # one certificate needs the callback too
+        context = tls.build_server_context(tls_spec(certificates, strict_sni=True), SOURCE)
+        done = bio_handshake(context, client_context(pems, check_hostname=False), server_hostname=server_hostname)
+        assert done.error is not None and done.error.reason == "CALLBACK_FAILED", done.error
+        assert tls.handshake_failure_reason(done.error) == "unknown_sni"
+        assert plaintext_alert(done.sent) == UNRECOGNIZED_NAME
+        assert done.client_error.reason == CLIENT_SEES[UNRECOGNIZED_NAME]
+        # The control: the same client without strict_sni gets the default certificate.
+        lenient = tls.build_server_context(tls_spec(certificates), SOURCE)
+        assert bio_handshake(lenient, client_context(pems, check_hostname=False), server_hostname=server_hostname).error is None
+
+
+@pytest.mark.parametrize(
+    ("server_hostname", "names"),
+    [("localhost", DEFAULT_NAMES[:2]), ("DEFAULT.example", DEFAULT_NAMES[:2]), ("a.wild.example", WILDCARD_NAMES),
+     ("exact.wild.example", RSA_NAMES)],
+)
+def test_strict_sni_serves_every_configured_name(pems, server_hostname, names):
+    context = tls.build_server_context(tls_spec([pems.default, pems.wildcard, pems.rsa], strict_sni=True), SOURCE)
+    done = bio_handshake(context, client_context(pems), server_hostname=server_hostname)
+    assert done.error is None, done.error
+    assert dns_names(done.client.getpeercert(binary_form=True)) == names
+
+
+@pytest.mark.parametrize(
+    ("raw", "openssl_reason", "reason"),
+    [
+        ([b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"], "HTTP_REQUEST", "not_tls"),
+        ([b"POST /x HTTP/1.1\r\n"], "HTTP_REQUEST", "not_tls"),
+        ([b"CONNECT a:443 HTTP/1.1\r\n\r\n"], "HTTPS_PROXY_REQUEST", "not_tls"),
+        ([b"SSH-2.0-OpenSSH_9.2\r\n"], "WRONG_VERSION_NUMBER", "not_tls"),
+        ([b"\x16\x03\x01\x00", None], "UNEXPECTED_EOF_WHILE_READING", "reset"),  # closed mid-hello
+        ([None], "UNEXPECTED_EOF_WHILE_READING", "reset"),
+        ([b"\x16\x03\x01\xff\xff" + bytes(64)], "PACKET_LENGTH_TOO_LONG", "other"),  # a record over 2^14 + 2048
+    ],
+    ids=["http", "http-post", "connect", "ssh", "eof-mid-hello", "eof", "oversized-record"],
+)
+def test_bytes_that_are_not_a_handshake(pems, raw, openssl_reason, reason):
+    context = tls.build_server_context(tls_spec([pems.default]), SOURCE)
+    done = bio_handshake(context, raw=raw)
+    assert done.error is not None and done.error.reason == openssl_reason, done.error
+    assert tls.handshake_failure_reason(done.error) == reason
+    if reason == "not_tls":
+        assert done.sent == b""  # no alert: the peer speaks something else; the caller answers in kind
+
+
+def test_failure_reasons_outside_openssl(pems):
+    assert tls.handshake_failure_reason(ConnectionResetError(104, "Connection reset by peer")) == "reset"
+    assert tls.handshake_failure_reason(BrokenPipeError(32, "Broken pipe")) == "reset"
+    assert tls.handshake_failure_reason(ValueError("anything else")) == "other"
+    # A client that refuses *our* certificate: its alert, not a failure of this server's policy.
+    other_ca = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    other_ca.load_verify_locations(cadata=trustme.CA().cert_pem.bytes().decode())
+    done = bio_handshake(tls.build_server_context(tls_spec([pems.default]), SOURCE), other_ca)
+    assert done.error.reason == "TLSV1_ALERT_UNKNOWN_CA"
+    assert tls.handshake_failure_reason(done.error) == "other"
+    assert set(tls.HANDSHAKE_FAILURE_REASONS) == {
+        "unsupported_version", "no_shared_cipher", "unknown_sni", "bad_client_certificate", "not_tls", "reset", "other",
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Client certificates
+
+
+@pytest.mark.parametrize("version", [TLS12, TLS13])
+@pytest.mark.parametrize("server_hostname", ["localhost", "rsa.example"])
+def test_verified_client_certificate_on_every_sni_context(pems, client_pki, mtls_server_context, version, server_hostname):
+    context = with_certificate(client_context(pems, minimum=version, maximum=version), client_pki.good)
+    done = bio_handshake(mtls_server_context, context, server_hostname=server_hostname)
+    assert done.error is None, done.error
+    peer = done.server.getpeercert(binary_form=True)
+    assert peer == x509.load_pem_x509_certificate(client_pki.good.cert_chain_pems[0].bytes()).public_bytes(
+        serialization.Encoding.DER
+    )
+    assert dns_names(done.client.getpeercert(binary_form=True)) == (
+        DEFAULT_NAMES[:2] if server_hostname == "localhost" else RSA_NAMES
+    )
+    # The session resumes, with the client's certificate still attached for X-Forwarded-Client-Cert.
+    again = bio_handshake(mtls_server_context, context, server_hostname=server_hostname, session=done.client.session)
+    assert again.error is None and again.server.session_reused
+    assert again.server.getpeercert(binary_form=True) == peer
+
+
+def test_optional_client_certificate(pems, client_pki):
+    context = tls.build_server_context(
+        tls_spec([pems.default], client_auth=client_auth(client_pki, mode="optional")), SOURCE
+    )
+    assert context.verify_mode == ssl.CERT_OPTIONAL
+    without = bio_handshake(context, client_context(pems))
+    assert without.error is None and without.server.getpeercert(binary_form=True) is None
+    verified = bio_handshake(context, with_certificate(client_context(pems), client_pki.good))
+    assert verified.error is None and verified.server.getpeercert(binary_form=True) is not None
+    # A certificate sent must verify, optional or not.
+    for leaf in (client_pki.stranger, client_pki.revoked):
+        refused = bio_handshake(context, with_certificate(client_context(pems), leaf))
+        assert tls.handshake_failure_reason(refused.error) == "bad_client_certificate"
+
+
+def test_certificate_request_names_the_client_cas(pems, client_pki):
+    # TLS 1.2 sends the CertificateRequest in the clear: its certificate_authorities list is in the
+    # server's first flight. The stdlib alone (load_verify_locations, the control) sends an empty list.
+    subject = x509.load_pem_x509_certificate(client_pki.authority.cert_pem.bytes()).subject.public_bytes()
+
+    def first_flight(context):
+        s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        server = context.wrap_bio(s_in, s_out, server_side=True)
+        s_in.write(client_hello(client_context(pems, maximum=TLS12)))
+        with pytest.raises(ssl.SSLWantReadError):
+            server.do_handshake()
+        return s_out.read()
+
+    spec = tls_spec([pems.default], client_auth=client_auth(client_pki))
+    assert subject in first_flight(tls.build_server_context(spec, SOURCE))
+    control = tls.build_server_context(tls_spec([pems.default]), SOURCE)
+    control.verify_mode = ssl.CERT_REQUIRED
+    control.load_verify_locations(client_pki.ca)
+    assert subject not in first_flight(control)
+
+
+def _reloaded(running, spec):
+    """A new generation's default context with the running one's ticket keys, as the master reloads."""
+    new = tls.build_server_context(spec, SOURCE)
+    assert tls.carry_ticket_keys(running, new)
+    return new
+
+
+@pytest.mark.parametrize("version", [TLS12, TLS13])
+def test_a_policy_change_on_reload_never_resumes_an_older_session(pems, client_pki, version):
+    plain = tls.build_server_context(tls_spec([pems.default]), SOURCE)
+    anonymous = client_context(pems, minimum=version, maximum=version)
+    first = bio_handshake(plain, anonymous)
+    # require turned on: the ticket of a client that never showed a certificate must not resume.
+    required = _reloaded(plain, tls_spec([pems.default], client_auth=client_auth(client_pki, crl=False)))
+    refused = bio_handshake(required, anonymous, session=first.client.session)
+    assert tls.handshake_failure_reason(refused.error) == "bad_client_certificate"
+    # The control: with CPython's one session ID context for all ("Python"), that ticket resumes.
+    python = b"Python\x00"
+    tls._libssl.set_session_id_context(tls._ssl_ctx_pointer(required), python, len(python))
+    resumed = bio_handshake(required, anonymous, session=first.client.session)
+    assert resumed.error is None and resumed.server.session_reused
+    assert resumed.server.getpeercert(binary_form=True) is None
+
+    # A CRL revoking a client that holds a ticket: it must verify again, and fail.
+    revoked = with_certificate(client_context(pems, minimum=version, maximum=version), client_pki.revoked)
+    before = _reloaded(plain, tls_spec([pems.default], client_auth=client_auth(client_pki, crl=False)))
+    held = bio_handshake(before, revoked)
+    assert held.error is None
+    after = _reloaded(before, tls_spec([pems.default], client_auth=client_auth(client_pki)))
+    assert tls.handshake_failure_reason(bio_handshake(after, revoked, session=held.client.session).error) == (
+        "bad_client_certificate"
+    )
+    # The same policy again: sessions resume across the reload, as without client certificates.
+    good = with_certificate(client_context(pems, minimum=version, maximum=version), client_pki.good)
+    issued = bio_handshake(after, good)
+    same = _reloaded(after, tls_spec([pems.default], client_auth=client_auth(client_pki)))
+    assert bio_handshake(same, good, session=issued.client.session).server.session_reused
+
+
+def test_client_auth_file_errors(pems, client_pki, tmp_path):
+    def error(**changes):
+        auth = SimpleNamespace(**{**vars(client_auth(client_pki)), **changes})
+        message = _config_error(tls_spec([pems.default], client_auth=auth))
+        return message[len(SOURCE) + 2 :]
+
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_bytes(b"not PEM\n")
+    assert error(ca=str(garbage)).startswith("tls.client_auth.ca: not a PEM certificate")
+    assert error(crl=str(garbage)).startswith("tls.client_auth.crl: not a PEM CRL")
+    broken = tmp_path / "broken.pem"
+    broken.write_bytes(b"-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n")
+    assert error(crl=str(broken)).startswith("tls.client_auth.crl: not a valid PEM CRL")
+    stranger = tmp_path / "stranger-crl.pem"
+    stranger.write_bytes(_crl(trustme.CA(), [], next_update=days_from_now(1)))
+    assert error(crl=str(stranger)).startswith("tls.client_auth.crl: the CRL of ") and "signed by no certificate" in (
+        error(crl=str(stranger))
+    )
+    stale = tmp_path / "stale-crl.pem"
+    stale.write_bytes(_crl(client_pki.authority, [], next_update=days_from_now(-1), last_update=days_from_now(-8)))
+    assert "expired on" in error(crl=str(stale)).partition(": ")[2]
+    assert error(mode="sometimes").startswith("tls.client_auth.mode: ")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# X-Forwarded-Client-Cert
+
+
+def _parse_xfcc(value: bytes) -> list[tuple[str, str]]:
+    """Envoy's reading of one XFCC element: `;` and `=` outside double quotes separate, a quote after a
+    backslash does not end a quoted value (source/extensions/formatter/xfcc_value)."""
+    text = value.decode("ascii")
+    pairs, start, quoted = [], 0, False
+    for i, char in enumerate(text + ";"):
+        if char == '"' and (i == 0 or text[i - 1] != "\\"):
+            quoted = not quoted
+        elif char in ",;" and not quoted:
+            assert char == ";", "one element: no comma outside quotes"
+            key, _, val = text[start:i].partition("=")
+            pairs.append((key, val[1:-1] if val.startswith('"') else val))
+            start = i + 1
+    assert not quoted
+    return pairs
+
+
+def test_xfcc_of_a_trustme_client_certificate(client_pki):
+    der = x509.load_pem_x509_certificate(client_pki.good.cert_chain_pems[0].bytes()).public_bytes(
+        serialization.Encoding.DER
+    )
+    value = certs.xfcc(der)
+    subject = x509.load_der_x509_certificate(der).subject.rfc4514_string()
+    assert value == f'Hash={hashlib.sha256(der).hexdigest()};Subject="{subject}";URI=;DNS=alice.example'.encode()
+    assert _parse_xfcc(value) == [
+        ("Hash", hashlib.sha256(der).hexdigest()), ("Subject", subject), ("URI", ""), ("DNS", "alice.example")
+    ]
+
+
+def test_xfcc_quotes_and_escapes_what_a_certificate_may_carry(client_pki):
+    # Everything a CA might sign that could split the header or forge a pair: separators, quotes,
+    # backslashes, a CR LF, non-ASCII, an e-mail attribute.
+    authority = client_pki.authority
+    ca_key = serialization.load_pem_private_key(authority.private_key_pem.bytes(), password=None)
+    ca_name = x509.load_pem_x509_certificate(authority.cert_pem.bytes()).subject
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([
+        x509.NameAttribute(x509.NameOID.COUNTRY_NAME, "DE"),
+        x509.NameAttribute(x509.NameOID.ORGANIZATION_NAME, 'Müller, "Söhne"; a=b \\ c'),
+        x509.NameAttribute(x509.NameOID.EMAIL_ADDRESS, "ops@example.com"),
+        x509.NameAttribute(x509.NameOID.COMMON_NAME, "line\r\nX-Injected: 1"),
+    ])
+    uris = ["spiffe://example.org/ns/a/sa/b", "https://example.org/x?a=1;b=2", 'urn:x:"quoted"\\ \r\nX: 1']
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(days_from_now(-1))
+        .not_valid_after(days_from_now(1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(uri) for uri in uris]
+                + [x509.DNSName("a.example"), x509.DNSName("b.example")]
+            ),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    der = certificate.public_bytes(serialization.Encoding.DER)
+    value = certs.xfcc(der)
+    assert all(0x20 <= byte < 0x7F for byte in value), value  # one header line, ASCII
+    pairs = _parse_xfcc(value)
+    assert [key for key, _ in pairs] == ["Hash", "Subject", "URI", "URI", "URI", "DNS", "DNS"]
+    dn = dict(pairs)["Subject"]
+    assert '"' not in dn and "\\\\" not in dn
+    assert dn.startswith("CN=line\\0D\\0AX-Injected: 1,emailAddress=ops@example.com,O=M\\C3\\BCller\\, \\22S")
+    # Still RFC 4514: the same name when parsed back (the e-mail attribute by OpenSSL's short name).
+    assert x509.Name.from_rfc4514_string(dn, {"emailAddress": x509.NameOID.EMAIL_ADDRESS}) == subject
+    assert [v for k, v in pairs if k == "URI"] == [
+        "spiffe://example.org/ns/a/sa/b",
+        "https://example.org/x?a=1;b=2",  # quoted on the wire, for its ; and =
+        "urn:x:%22quoted%22%5C%20%0D%0AX:%201",
+    ]
+    assert b'URI="https://example.org/x?a=1;b=2"' in value
+    assert [v for k, v in pairs if k == "DNS"] == ["a.example", "b.example"]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""X.509 certificates: loading and checking the configured ones, and the self-signed demo certificate.
+"""X.509 certificates: loading and checking the configured ones, client-certificate CAs and CRLs, the
+X-Forwarded-Client-Cert value of a verified client, and the self-signed demo certificate.
 
 The stdlib `ssl` module can load a certificate into a context but cannot tell *why* one is unusable, nor
 read its names or dates before a handshake. Every piece of X.509 parsing in fastlb lives here, on top of
@@ -10,8 +11,10 @@ from __future__ import annotations
 
 import datetime
 import fcntl
+import hashlib
 import ipaddress
 import os
+import re
 import tempfile
 from collections.abc import Sequence
 
@@ -30,8 +33,10 @@ __all__ = [
     "ensure_demo_certificate",
     "key_matches_certificate",
     "load_certificate_chain",
+    "load_crls",
     "load_private_key",
     "validity_problem",
+    "xfcc",
 ]
 
 DEMO_CERT_FILE = "demo-cert.pem"
@@ -138,6 +143,117 @@ def certificate_not_after(certificate: x509.Certificate) -> float:
 def certificate_fingerprint(certificate: x509.Certificate) -> str:
     """SHA-256 of the DER certificate as "AB:CD:...", the form browsers and `openssl x509 -fingerprint` show."""
     return ":".join(f"{byte:02X}" for byte in certificate.fingerprint(hashes.SHA256()))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Client certificates: the CRLs checked against them
+
+
+_PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.S)
+
+
+def load_crls(
+    path: str, issuers: Sequence[x509.Certificate], now: datetime.datetime | None = None
+) -> list[x509.CertificateRevocationList]:
+    """The PEM CRLs in `path`, each checked against `issuers` (the client-certificate CAs).
+
+    Refused, each with a reason naming the CRL's issuer: a CRL that no certificate of `issuers` signed
+    (OpenSSL would never consult it, so nothing it lists would be refused) and a CRL past its nextUpdate
+    (OpenSSL would refuse every certificate of that issuer: X509_V_ERR_CRL_HAS_EXPIRED).
+    """
+    now = now or datetime.datetime.now(datetime.UTC)
+    blocks = _PEM_CRL.findall(_read(path))
+    if not blocks:
+        raise CertificateFileError(f"not a PEM CRL (no '-----BEGIN X509 CRL-----' line): {path}")
+    crls = []
+    for block in blocks:
+        try:
+            crl = x509.load_pem_x509_crl(block)
+        except ValueError as exc:
+            raise CertificateFileError(f"not a valid PEM CRL: {path}: {_one_line(exc)}") from None
+        issuer = crl.issuer.rfc4514_string()
+        if not any(_signed_crl(crl, ca) for ca in issuers):
+            raise CertificateFileError(f"the CRL of {issuer} is signed by no certificate of the ca file: {path}")
+        if crl.next_update_utc is not None and now > crl.next_update_utc:
+            raise CertificateFileError(
+                f"the CRL of {issuer} expired on {crl.next_update_utc:%Y-%m-%d %H:%M:%S} UTC: {path}"
+            )
+        crls.append(crl)
+    return crls
+
+
+def _signed_crl(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
+    if crl.issuer != ca.subject:
+        return False
+    try:
+        return crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
+    except (TypeError, UnsupportedAlgorithm):  # a key type that cannot sign CRLs
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# X-Forwarded-Client-Cert
+
+# Envoy's header (https://www.envoyproxy.io/docs/envoy/latest/configuration/http/http_conn_man/headers
+# #x-forwarded-client-cert): `;`-separated Key=Value pairs; a value holding `,` `;` or `=` is double-quoted,
+# and Subject always is.
+_XFCC_SEPARATORS = frozenset(",;=")
+# RFC 4514 section 2.4 names only these; OpenSSL (and so Envoy) prints the e-mail attribute by its short
+# name too, where cryptography would print its dotted OID.
+_DN_NAMES = {NameOID.EMAIL_ADDRESS: "emailAddress"}
+
+
+def xfcc(der: bytes) -> bytes:
+    """The X-Forwarded-Client-Cert value for a verified client certificate (DER), in Envoy's format:
+    `Hash=<SHA-256 hex>;Subject="<RFC 4514 DN>";URI=<each URI SAN>;DNS=<each DNS SAN>`.
+
+    As Envoy: `URI=` stays, empty, when the certificate has no URI SAN; `DNS=` is repeated per name and
+    absent when there is none. The result is visible ASCII and spaces only, and never holds a `"` or a
+    backslash that a quote-aware XFCC parser (Envoy's is one) could take for the end of a quoted value:
+    whatever a certificate carries, the header cannot be split, nor its pairs forged.
+    """
+    certificate = x509.load_der_x509_certificate(der)
+    parts = [
+        "Hash=" + hashlib.sha256(der).hexdigest(),
+        f'Subject="{_xfcc_dn(certificate.subject.rfc4514_string(_DN_NAMES))}"',
+    ]
+    san = _subject_alt_names(certificate)
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier) if san is not None else []
+    dns = san.get_values_for_type(x509.DNSName) if san is not None else []
+    parts += [f"URI={_xfcc_value(uri)}" for uri in uris] or ["URI="]
+    parts += [f"DNS={_xfcc_value(name)}" for name in dns]
+    return ";".join(parts).encode("ascii")
+
+
+def _xfcc_dn(dn: str) -> str:
+    """An RFC 4514 string with every `"`, backslash, control and non-ASCII character as its `\\XX`
+    hexpair (RFC 4514 section 2.4 allows one for any character): the same DN to an LDAP parser, OpenSSL's
+    `XN_FLAG_RFC2253` output for the non-ASCII bytes, and nothing that could end the quoted value."""
+    out = []
+    chars = iter(dn)
+    for char in chars:
+        if char == "\\":
+            escaped = next(chars)  # rfc4514_string never ends on a lone backslash
+            out.append(_hexpairs(escaped) if escaped in '\\"' else "\\" + escaped)
+        elif char == '"' or not " " <= char <= "~":
+            out.append(_hexpairs(char))
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def _hexpairs(char: str) -> str:
+    return "".join(f"\\{byte:02X}" for byte in char.encode("utf-8"))
+
+
+def _xfcc_value(text: str) -> str:
+    """A URI or DNS SAN: percent-encoded (RFC 3986 section 2.1) where a URI may not hold the character
+    anyway (controls, space, `"`, backslash, non-ASCII), then quoted if it holds a separator."""
+    value = "".join(
+        char if "!" <= char <= "~" and char not in '"\\' else "".join(f"%{b:02X}" for b in char.encode("utf-8"))
+        for char in text
+    )
+    return f'"{value}"' if _XFCC_SEPARATORS.intersection(value) else value
 
 
 def _one_line(exc: BaseException) -> str:

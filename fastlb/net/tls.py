@@ -1,4 +1,5 @@
-"""TLS policy, certificate selection (SNI) and ALPN for the TLS listeners.
+"""TLS policy, certificate selection (SNI), client certificates, ALPN and handshake failure reasons for
+the TLS listeners.
 
 Theory of operation
 -------------------
@@ -73,6 +74,43 @@ gap per handshake is mostly not OpenSSL's; these settings remove what OpenSSL wo
   sessions of TLS 1.2 clients that refuse tickets, resumable on the one worker of N that made them.
 All told: 2.74 million instructions per full TLS 1.3 handshake, 6% fewer, below nginx's count.
 
+Strict SNI
+----------
+Without `strict_sni` a client that names no configured host, or sends no SNI at all (an IP literal, an
+old client), gets the first certificate. With it the servername callback refuses the ClientHello with a
+fatal `unrecognized_name` alert (RFC 6066 section 3 allows either answer), as HAProxy's `strict-sni` and
+nginx's `ssl_reject_handshake` do; the callback is then installed even for a single certificate.
+
+Client certificates (mutual TLS)
+--------------------------------
+`[tls.client_auth]` puts one policy on every context (the SNI switch keeps the default context's verify
+mode but verifies against the new context's trust store and sends its CA list, so they must all agree):
+- `verify_mode` `CERT_REQUIRED` ("require": no certificate, no handshake; RFC 8446 section 4.4.2.4's
+  `certificate_required` alert in TLS 1.3, `handshake_failure` in TLS 1.2) or `CERT_OPTIONAL`
+  ("optional": a certificate sent must verify, none is fine; the route's `require_client_cert` decides);
+- the `ca` bundle as the trust store, and its subjects as the CertificateRequest's
+  `certificate_authorities` (`SSL_CTX_set_client_CA_list`, as nginx's `ssl_client_certificate`): the
+  stdlib sends none, and then a browser offers every certificate it holds instead of the fitting ones;
+  `SSL_MODE_NO_AUTO_CHAIN` ("Handshake cost") keeps that store out of the chain we serve;
+- the `crl` file's CRLs with `VERIFY_CRL_CHECK_LEAF`: the client's own certificate is checked against
+  its issuer's CRL, so every CA in `ca` that issues client certificates needs its CRL in the file, or its
+  clients are refused (OpenSSL's "unable to get certificate CRL"). `certs.load_crls` refuses at load a
+  CRL that no CA of the bundle signed or whose nextUpdate has passed (every client would be refused);
+- a session ID context that is a digest of the policy (mode, CA and CRL fingerprints). OpenSSL resumes
+  a session, ticket or not, only in the context it was made in, and a resumed session skips certificate
+  verification. CPython gives every context the same one ("Python"), so after a reload that turns
+  `require` on, or adds a CRL that revokes a client, the tickets `carry_ticket_keys` keeps valid would
+  resume without the certificate the new policy asks for (tests/test_tls_context.py shows it). With the
+  digest they fall back to a full handshake; an unchanged policy still resumes across reloads.
+
+Handshake failures
+------------------
+`handshake_failure_reason` names why a server-side `do_handshake()` failed, for the `reason` label of the
+handshake error metric, from `SSLError.reason` (the name of OpenSSL's reason code). The TLS layer reads
+the connection through a MemoryBIO, so whatever alert OpenSSL queued for the client (`protocol_version`,
+`handshake_failure`, `unrecognized_name`, `certificate_required`, `unknown_ca`, `certificate_revoked`, ...)
+is in the outgoing BIO, waiting to be flushed before the connection closes.
+
 ALPN: only "http/1.1" is offered. CPython's server-side select callback (`_selectALPN_cb` in
 Modules/_ssl.c) answers `SSL_TLSEXT_ERR_NOACK` when nothing overlaps, so a client offering only "h2"
 completes the handshake with no protocol selected instead of getting the `no_application_protocol` alert
@@ -82,12 +120,23 @@ RFC 7301 section 3.2 calls for; it can still speak HTTP/1.1, which is what we wa
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import ssl
 from collections.abc import Callable
 
+from cryptography.hazmat.primitives import hashes
+
 from fastlb.net import certs
 
-__all__ = ["GROUPS", "build_server_context", "carry_ticket_keys", "certificate_facts", "handshake_facts"]
+__all__ = [
+    "GROUPS",
+    "HANDSHAKE_FAILURE_REASONS",
+    "build_server_context",
+    "carry_ticket_keys",
+    "certificate_facts",
+    "handshake_facts",
+    "handshake_failure_reason",
+]
 
 GROUPS = "X25519:P-256:P-384"
 
@@ -101,6 +150,8 @@ _SSL_CTRL_GET_TLSEXT_TICKET_KEYS = 58
 _SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
 _SSL_SESS_CACHE_OFF = 0x0
 _SSL_MODE_NO_AUTO_CHAIN = 0x8
+_SSL_MAX_SID_CTX_LENGTH = 32
+_VERIFY_MODES = {"require": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL}
 # TLS 1.3 NewSessionTicket messages after a full handshake (module docstring, "Handshake cost").
 TLS13_TICKETS = 1
 
@@ -120,18 +171,21 @@ def build_server_context(tls, source: str) -> ssl.SSLContext:
     """
     if not tls.certificates:
         raise _config_error(source, "tls.certificates", "at least one certificate is required")
+    client_auth = _checked_client_auth(tls.client_auth, source) if tls.client_auth is not None else None
     by_name: dict[str, ssl.SSLContext] = {}
     contexts = []
     for index, spec in enumerate(tls.certificates):
         context = _policy_context(tls, source)
+        if client_auth is not None:
+            _require_client_certificates(context, tls.client_auth, client_auth, source)
         leaf = _load_certificate(context, index, spec, source)
         contexts.append(context)
         for name in certs.certificate_dns_names(leaf):
             # Config order breaks ties: the first certificate that names a host serves it.
             by_name.setdefault(name, context)
     default = contexts[0]
-    if len(contexts) > 1:
-        default.sni_callback = _certificate_selector(by_name)
+    if len(contexts) > 1 or tls.strict_sni:
+        default.sni_callback = _certificate_selector(by_name, tls.strict_sni)
     return default
 
 
@@ -182,13 +236,18 @@ def _load_certificate(context: ssl.SSLContext, index: int, spec, source: str):
 
 
 def _certificate_selector(
-    by_name: dict[str, ssl.SSLContext],
-) -> Callable[[ssl.SSLObject, str | None, ssl.SSLContext], None]:
+    by_name: dict[str, ssl.SSLContext], strict: bool
+) -> Callable[[ssl.SSLObject, str | None, ssl.SSLContext], int | None]:
+    # RFC 6066 section 3: a server that does not recognise the name either continues (with its default
+    # certificate) or aborts with a fatal unrecognized_name alert. strict_sni aborts, as HAProxy's
+    # strict-sni and nginx's ssl_reject_handshake; CPython sends the alert a callback returns.
+    unknown = ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME if strict else None
+
     def select_certificate(ssl_object, server_name, initial_context):
         # Runs inside OpenSSL's ClientHello processing: an exception here would become a handshake
         # failure alert, so only dict lookups. RFC 6066 section 3: no SNI for IP literals, no trailing dot.
         if server_name is None:
-            return None
+            return unknown
         name = server_name.lower()
         context = by_name.get(name)
         if context is None:
@@ -196,11 +255,63 @@ def _certificate_selector(
             if dot:
                 # RFC 6125 section 6.4.3: the wildcard covers exactly one, leftmost, label.
                 context = by_name.get("*." + parent)
-        if context is not None and context is not initial_context:
+        if context is None:
+            return unknown
+        if context is not initial_context:
             ssl_object.context = context
         return None
 
     return select_certificate
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Client certificates (see the module docstring)
+
+
+def _checked_client_auth(spec, source: str) -> bytes:
+    """Check the `[tls.client_auth]` files once per generation; the session ID context for its policy."""
+    mode = _VERIFY_MODES.get(spec.mode)
+    if mode is None:
+        raise _config_error(source, "tls.client_auth.mode", f'must be "require" or "optional", not {spec.mode!r}')
+    try:
+        authorities = certs.load_certificate_chain(spec.ca)
+    except certs.CertificateFileError as exc:
+        raise _config_error(source, "tls.client_auth.ca", str(exc)) from None
+    policy = hashlib.sha256(spec.mode.encode())
+    for authority in authorities:
+        policy.update(authority.fingerprint(hashes.SHA256()))
+    if spec.crl:
+        try:
+            crls = certs.load_crls(spec.crl, authorities)
+        except certs.CertificateFileError as exc:
+            raise _config_error(source, "tls.client_auth.crl", str(exc)) from None
+        for crl in crls:
+            policy.update(crl.fingerprint(hashes.SHA256()))
+    return policy.digest()[:_SSL_MAX_SID_CTX_LENGTH]
+
+
+def _require_client_certificates(context: ssl.SSLContext, spec, session_context: bytes, source: str) -> None:
+    context.verify_mode = _VERIFY_MODES[spec.mode]
+    # X509_STORE_load_file reads the CRLs of a PEM file as well as its certificates.
+    for key, path in (("tls.client_auth.ca", spec.ca), ("tls.client_auth.crl", spec.crl)):
+        try:
+            if path:
+                context.load_verify_locations(cafile=path)
+        except (ssl.SSLError, OSError) as exc:
+            raise _config_error(source, key, f"OpenSSL refused {path}: {exc}") from None
+    if spec.crl:
+        # The client's own certificate only: its CA's CRL, not the CRLs of the CAs above (VERIFY_CRL_CHECK_CHAIN
+        # would need one for the root too), as nginx's ssl_crl does.
+        context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    lib, pointer = _checked_ssl_ctx(context, source)
+    names = lib.load_client_ca_file(spec.ca.encode())
+    if not names:
+        lib.clear_error()
+        raise _config_error(source, "tls.client_auth.ca", f"OpenSSL found no CA name in {spec.ca}")
+    lib.set_client_ca_list(pointer, names)  # the context owns the list from here
+    if lib.set_session_id_context(pointer, session_context, len(session_context)) != 1:
+        lib.clear_error()
+        raise _config_error(source, "tls.client_auth", "OpenSSL refused the session ID context")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -227,6 +338,18 @@ class _LibSSL:
         self.clear_error = handle.ERR_clear_error
         self.clear_error.restype = None
         self.clear_error.argtypes = []
+        # STACK_OF(X509_NAME) *SSL_load_client_CA_file(const char *file)
+        self.load_client_ca_file = handle.SSL_load_client_CA_file
+        self.load_client_ca_file.restype = ctypes.c_void_p
+        self.load_client_ca_file.argtypes = [ctypes.c_char_p]
+        # void SSL_CTX_set_client_CA_list(SSL_CTX *ctx, STACK_OF(X509_NAME) *list)
+        self.set_client_ca_list = handle.SSL_CTX_set_client_CA_list
+        self.set_client_ca_list.restype = None
+        self.set_client_ca_list.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        # int SSL_CTX_set_session_id_context(SSL_CTX *ctx, const unsigned char *sid_ctx, unsigned int len)
+        self.set_session_id_context = handle.SSL_CTX_set_session_id_context
+        self.set_session_id_context.restype = ctypes.c_int
+        self.set_session_id_context.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint]
 
 
 _libssl: _LibSSL | None = None
@@ -300,6 +423,55 @@ def carry_ticket_keys(running: ssl.SSLContext, new: ssl.SSLContext) -> bool:
 
 # ---------------------------------------------------------------------------------------------------------
 # Facts for metrics and logs
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Why a handshake failed (module docstring, "Handshake failures")
+
+HANDSHAKE_FAILURE_REASONS = (
+    "unsupported_version",
+    "no_shared_cipher",
+    "unknown_sni",
+    "bad_client_certificate",
+    "not_tls",
+    "reset",
+    "other",
+)
+
+# `SSLError.reason`, the OpenSSL 3 reason code's name, as a failed server-side handshake reports it. Each
+# was provoked by a real client in tests/test_tls_context.py, which also checks the alert OpenSSL queued.
+_FAILURE_REASONS = {
+    # ClientHello versions all below min_version (alert protocol_version).
+    "UNSUPPORTED_PROTOCOL": "unsupported_version",
+    # No TLS 1.2 suite in common; in TLS 1.3 no key-exchange group in common (handshake_failure).
+    "NO_SHARED_CIPHER": "no_shared_cipher",
+    "NO_SUITABLE_KEY_SHARE": "no_shared_cipher",
+    # The servername callback answered with an alert. Ours is the only callback that can, and only under
+    # strict_sni (unrecognized_name).
+    "CALLBACK_FAILED": "unknown_sni",
+    # No certificate under mode = "require" (TLS 1.3 certificate_required, TLS 1.2 handshake_failure),
+    # or one that does not verify: unknown CA, revoked, expired (unknown_ca, certificate_revoked, ...).
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "bad_client_certificate",
+    "CERTIFICATE_VERIFY_FAILED": "bad_client_certificate",
+    # The first bytes are no TLS record: plain HTTP (OpenSSL recognises the methods), an HTTP proxy's
+    # CONNECT, anything else. No alert: the peer would not understand one.
+    "HTTP_REQUEST": "not_tls",
+    "HTTPS_PROXY_REQUEST": "not_tls",
+    "WRONG_VERSION_NUMBER": "not_tls",
+}
+
+
+def handshake_failure_reason(exc: BaseException) -> str:
+    """What a failed server-side `do_handshake()` raised, as one of `HANDSHAKE_FAILURE_REASONS` (the
+    `reason` label of fastlb_tls_handshake_errors_total). `timeout` is not among them: it is the
+    caller's clock that runs out, not OpenSSL that fails."""
+    if isinstance(exc, (ssl.SSLEOFError, ConnectionError)):
+        # The peer closed or reset the connection mid-handshake (UNEXPECTED_EOF_WHILE_READING when the
+        # caller passes the EOF on to the MemoryBIO).
+        return "reset"
+    if isinstance(exc, ssl.SSLError):
+        return _FAILURE_REASONS.get(exc.reason or "", "other")
+    return "other"
 
 
 def certificate_facts(tls) -> list[tuple[str, float]]:
