@@ -1894,9 +1894,9 @@ cdef tuple _proxy_v1(const unsigned char *p, Py_ssize_t n):
     if complete:
         end = eol
     else:
-        if n >= C_PROXY_V1_MAX:
-            return _PROXY_BAD
         end = n - 1 if n and p[n - 1] == c'\r' else n
+        if end > C_PROXY_V1_MAX - 2:
+            return _PROXY_BAD
     for i in range(end):
         if p[i] == c'\r' or p[i] == c'\n':
             return _PROXY_BAD

@@ -1225,10 +1225,10 @@ def _proxy_v1(data):
     eol = data.find(b"\r\n")
     line = data[:eol] if eol >= 0 else data
     if eol < 0:
-        if len(data) >= PROXY_V1_MAX:
-            return _PROXY_BAD
         if line.endswith(b"\r"):
             line = line[:-1]
+        if len(line) > PROXY_V1_MAX - 2:
+            return _PROXY_BAD  # its CRLF could no longer end within the first 107 bytes
     if b"\r" in line or b"\n" in line:
         return _PROXY_BAD  # the spec §2.1: a single CR or LF never ends the line
     words = line[6:].split(b" ")
