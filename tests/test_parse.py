@@ -127,6 +127,21 @@ def test_forwarded_request(core):
     )
 
 
+@pytest.mark.parametrize("name", [b"X-Forwarded-Client-Cert", b"x-forwarded-client-cert", b"X_FORWARDED_CLIENT_CERT",
+                                  b"X-Forwarded__Client-Cert", b"x-_-forwarded-client_cert"])
+def test_client_cert_header_is_never_forwarded(core, name):
+    # Issue 15: the protocol appends the identity fastlb verified; whatever the client sent under that name
+    # or a look-alike one (runs of - and _, see _core_py._alias) is dropped, like X-Forwarded-Proto.
+    data = b"GET / HTTP/1.1\r\nHost: a.test\r\n%s: Hash=spoof;Subject=\"CN=admin\"\r\nX-Forwarded-Client-Certs: kept\r\n" \
+           b"\r\n" % name
+    status, _, _, _, _, _, _, head = parse(core, data)
+    assert status == 0
+    assert b"spoof" not in head and b"CN=admin" not in head
+    assert (b"X-Forwarded-Client-Certs", b"kept") in fields(head)
+    assert core.request_head(b"GET", b"/", [(b"Host", b"a.test"), (name, b"spoof")], CLIENT_IP, b"https", b"443",
+                             False, b"id")[4].find(b"spoof") == -1
+
+
 def test_same_result_as_request_head_on_the_parsed_fields(core):
     # One path: parse_request is request_head over the fields it splits.
     data = b"GET /x HTTP/1.1\r\nhost:  h.test \r\nX-Forwarded-For: 1.1.1.1\r\nUpgrade: websocket\r\n" \

@@ -412,6 +412,14 @@ valid("hop_by_hop_removed",
           b"Proxy-Connection: keep-alive\r\n"),
       [fwd("GET", "/hop", absent=["connection", "x-secret", "keep-alive", "te", "proxy-connection"])],
       "RFC 9110 §7.6.1: hop-by-hop and Connection-listed fields removed")
+valid("client_cert_header_dropped",
+      get(b"/xfcc", b"X-Forwarded-Client-Cert: Hash=spoof-1;Subject=\"CN=admin\"\r\nX_Forwarded_Client_Cert: spoof-2\r\n"
+          b"x-forwarded--client-cert: spoof-3\r\nX-Forwarded-Client-Certs: kept\r\n"),
+      [fwd("GET", "/xfcc", headers={"x-forwarded-client-certs": "kept"},
+           absent=["x-forwarded-client-cert", "x_forwarded_client_cert", "x-forwarded--client-cert"],
+           upstream_absent=["spoof-1", "spoof-2", "spoof-3", "CN=admin"])],
+      "issue 15: only fastlb states a verified client certificate (X-Forwarded-Client-Cert, Envoy's format); "
+      "a client-sent one and its look-alikes (runs of - and _) never reach the backend")
 valid("upgrade_h2c_stripped",
       get(b"/h2c", b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"),
       [fwd("GET", "/h2c", absent=["upgrade", "http2-settings", "connection"])],
