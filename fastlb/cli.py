@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
                 from fastlb.net.tls import build_server_context
 
                 build_server_context(cfg.tls, cfg.source or "environment")
+            from fastlb.net.upstream_tls import build_contexts
+
+            build_contexts(cfg)  # [backends.NAME.tls]: CA bundles and client certificates
         except config.ConfigError as exc:
             print(exc, file=sys.stderr)
             return 1
@@ -158,7 +161,8 @@ def _serve(args, config) -> int:
     from fastlb.process.master import Master
 
     try:
-        return Master(cfg, load, demo=fingerprint, log=log, allow_shared_ports=args.allow_shared_ports).run()
+        return Master(cfg, load, demo=fingerprint, log=log, allow_shared_ports=args.allow_shared_ports,
+                      ingress_files=args.ingress).run()
     except config.ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1

@@ -18,14 +18,16 @@ _PAGE = importlib.resources.files("fastlb.obs").joinpath("status.html")
 
 
 class Admin:
-    def __init__(self, cfg, layout, store, states, health, master_pid: int, certificate_facts):
+    def __init__(self, cfg, layout, store, shm, health, master_pid: int, certificate_facts, acme=None):
         self.cfg = cfg
         self.layout = layout
         self.store = store
-        self.states = states
+        self.shm = shm            # server states, and whether the master is draining the host
+        self.states = shm.states
         self.health = health
         self.master_pid = master_pid
         self.certificate_facts = certificate_facts  # [(name, notAfter unix time)]
+        self.acme = acme          # the ACME manager (fastlb/acme/manager.py), or None
         try:
             self.started = psutil.Process(master_pid).create_time()
         except psutil.Error:
@@ -34,6 +36,10 @@ class Admin:
     def handle(self, method, path, headers):
         path = path.split("?", 1)[0]
         if path == "/healthz":
+            # From SIGTERM on, while the listeners still serve for [server] drain_delay: an L4
+            # balancer's health check takes this node out before anything is refused.
+            if self.shm.draining:
+                return 503, "text/plain", b"draining\n"
             return 200, "text/plain", b"ok\n"
         if path == "/metrics":
             return 200, "text/plain; version=0.0.4; charset=utf-8", self.metrics().encode()
@@ -55,6 +61,8 @@ class Admin:
                 gid += 1
         for name, not_after in self.certificate_facts:
             extra.append(("fastlb_tls_certificate_expiry_seconds", (("name", name),), not_after))
+        for managed in self.acme.certificates if self.acme is not None else ():
+            extra.append(("fastlb_acme_next_renewal_seconds", (("name", managed.name),), managed.next_try))
         for role, proc in self._processes():
             try:
                 with proc.oneshot():
@@ -117,6 +125,7 @@ class Admin:
             "workers": sorted(workers, key=lambda w: w["slot"]),
             "listeners": listeners,
             "backends": self._backends(total, live),
+            "acme": self.acme.status() if self.acme is not None else [],
         }
 
     def _backends(self, total, live) -> dict:

@@ -1,4 +1,4 @@
-"""The control process: active health checks, the admin listener and, with --demo, the demo backends.
+"""The control process: active health checks, the admin listener, ACME and, with --demo, the demo backends.
 
 One control process per host (not one per worker): it is where host-wide work lives.  It serves on
 sockets the master opened and holds, so a respawned or reloaded control process binds nothing itself.
@@ -18,7 +18,7 @@ TICK = 0.5
 
 class Control:
     def __init__(self, cfg, admin_socket, demo_sockets, shm, slot, master_pid, log, layout, store,
-                 cert_facts):
+                 cert_facts, upstream=None):
         self.cfg = cfg
         self.admin_socket = admin_socket
         self.demo_sockets = demo_sockets
@@ -29,6 +29,7 @@ class Control:
         self.layout = layout
         self.store = store
         self.cert_facts = cert_facts
+        self.upstream = upstream or {}  # {backend: UpstreamContext}: health checks over TLS
         self.loop = None
 
     def run(self) -> int:
@@ -36,11 +37,12 @@ class Control:
 
         self.loop = loop = uvloop.new_event_loop()
         asyncio.set_event_loop(loop)
-        health = HealthChecker(self.cfg, self.shm.states, self.log)
+        health = HealthChecker(self.cfg, self.shm.states, self.log, self.upstream)
         health.start(loop)
+        acme = self._acme()
         if self.admin_socket is not None:
-            admin = Admin(self.cfg, self.layout, self.store, self.shm.states, health, self.master_pid,
-                          self.cert_facts)
+            admin = Admin(self.cfg, self.layout, self.store, self.shm, health, self.master_pid,
+                          self.cert_facts, acme=acme)
             loop.run_until_complete(serve(loop, self.admin_socket, admin.handle))
         if self.demo_sockets:
             from fastlb.demo import handler
@@ -52,8 +54,28 @@ class Control:
         loop.add_signal_handler(signal.SIGUSR1, lambda: None)  # no log files of its own
         loop.call_later(TICK, self._tick)
         self.shm.set_state(self.slot, shm_mod.READY)
+        if acme is not None:
+            acme.start()
         loop.run_forever()
+        if acme is not None:
+            acme.close()
         return 0
+
+    def _acme(self):
+        """The ACME manager (fastlb/acme/manager.py) when a certificate says acme = true: one per host,
+        here, so that workers never race for an order."""
+        if not any(spec.acme for spec in self.cfg.tls.certificates):
+            return None
+        from fastlb.acme.manager import Manager  # requests and the acme library: only when used
+
+        area, layout = self.store.master_area(), self.layout
+
+        def count(result: str) -> None:
+            # One control process counts at a time, except while a reload overlaps two (an increment
+            # might then be lost; a value is never torn: aligned 8-byte stores).
+            area[layout.find("fastlb_acme_orders_total", result=result)] += 1
+
+        return Manager(self.cfg, self.cert_facts, self.log, count, self.shm.request_reload)
 
     def _tick(self) -> None:
         self.shm.beat(self.slot)

@@ -34,9 +34,12 @@ import sys
 import time
 import traceback
 
+from fastlb import policy
 from fastlb.net.sockets import claim_address, open_listener
 from fastlb.obs import metrics
 from fastlb.process import shm as shm_mod
+from fastlb.process.notify import Notifier
+from fastlb.process.watch import Watcher, input_files
 
 BOOT_ERROR = 3
 MAX_RECORDS = 256          # shared-memory records: workers and control of every generation alive
@@ -63,7 +66,8 @@ _PID_FD = "_FASTLB_PID_FD"
 class _Generation:
     """A config and what the master built from it; the children forked with it point to it."""
 
-    __slots__ = ("number", "cfg", "contexts", "cert_facts", "sockets", "deadline", "failure", "states")
+    __slots__ = ("number", "cfg", "contexts", "cert_facts", "sockets", "deadline", "failure", "states",
+                 "policies", "upstream")
 
     def __init__(self, number, cfg, contexts, cert_facts, sockets):
         self.number = number
@@ -74,6 +78,10 @@ class _Generation:
         self.deadline = 0.0           # while booting in a reload: when it must be ready
         self.failure = None           # while booting in a reload: why it cannot become current
         self.states = None            # server states from before the reload, when it reset them
+        self.upstream = {}            # {backend name: UpstreamContext} (fastlb/net/upstream_tls.py)
+        # Route policies and hooks (fastlb/policy), built before forking: the rate-limit tables in
+        # them are shared memory every worker of the generation updates.
+        self.policies = policy.build(cfg)
 
 
 class _Child:
@@ -92,9 +100,10 @@ class _Child:
 
 class Master:
     def __init__(self, cfg, reload_config, demo: str | None = None, log: logging.Logger | None = None,
-                 allow_shared_ports: bool = False):
+                 allow_shared_ports: bool = False, ingress_files=()):
         """demo: the demo certificate's fingerprint when serving --demo, else None.
-        allow_shared_ports: join another process's SO_REUSEPORT group instead of refusing its port."""
+        allow_shared_ports: join another process's SO_REUSEPORT group instead of refusing its port.
+        ingress_files: the --ingress manifests, watched with the config under [server] watch."""
         self.current = _Generation(0, cfg, {}, [], {})
         self.pending: _Generation | None = None   # the generation a reload is booting
         self.reload_again = False     # a SIGHUP came while a reload was under way
@@ -110,8 +119,13 @@ class Master:
         self.pending_spawns: list[tuple[float, str, int, _Generation]] = []
         self.stopping = None          # None | "graceful" | "fast"
         self.stop_deadline = 0.0
+        self.drain_at = None          # graceful stop: when [server] drain_delay ends and workers drain
+        self.notifier = Notifier()    # sd_notify, for a systemd Type=notify unit
+        self.ingress_files = tuple(ingress_files)
+        self.watcher = None           # [server] watch: the inotify watcher of the config's files
         self.exit_code = 0
         self.shm = shm_mod.SharedBlock(MAX_RECORDS)
+        self.reload_requests = 0      # the shared-memory reload counter as last acted upon
         self.store = metrics.Store()
         self.layout = metrics.Layout()
         self.slot_areas: dict[int, int] = {}   # worker slot -> the metrics area it used last
@@ -181,12 +195,25 @@ class Master:
             return {}, []
         from fastlb.net.tls import build_server_context, carry_ticket_keys, certificate_facts
 
-        ctx = build_server_context(cfg.tls, cfg.source or "environment")
+        from fastlb.acme import tls_to_serve
+
+        tls = tls_to_serve(cfg, self.log, self.ids)  # acme = true: the certificate in storage, or a stand-in
+        ctx = build_server_context(tls, cfg.source or "environment")
         running = next(iter(self.current.contexts.values()), None)
         if running is not None and not carry_ticket_keys(running, ctx):
             self.log.warning("reload: OpenSSL refused to copy the session-ticket keys; "
                              "TLS sessions from before this reload will do a full handshake")
-        return {i: ctx for i, spec in enumerate(cfg.listeners) if spec.tls}, certificate_facts(cfg.tls)
+        return {i: ctx for i, spec in enumerate(cfg.listeners) if spec.tls}, certificate_facts(tls)
+
+    def _upstream_contexts(self, cfg) -> dict:
+        """Client contexts for TLS to backends, built here for the reasons the listeners' are: a bad CA
+        or client certificate refuses the config, and the client key is read while it can be."""
+        from fastlb.net import upstream_tls
+
+        contexts = upstream_tls.build_contexts(cfg)
+        for name in upstream_tls.unverified(cfg):
+            self.log.warning("backends.%s.tls.verify = false: the servers' certificates are not verified", name)
+        return contexts
 
     def _slot_sockets(self, gen: _Generation, slot: int):
         return [(spec, gen.sockets[(str(spec.address), spec.tls)][slot]) for spec in gen.cfg.listeners]
@@ -201,6 +228,7 @@ class Master:
         self._lock_pid_file()
         try:
             gen.contexts, gen.cert_facts = self._build_contexts(cfg)
+            gen.upstream = self._upstream_contexts(cfg)
             self.layout.extend(cfg, metrics.tls_suites(gen.contexts))
             gen.sockets = self._open_sockets(cfg)
             if cfg.admin.address is not None:
@@ -228,6 +256,7 @@ class Master:
         try:
             self._spawn_generation(gen)
             self._announce()
+            self._watch()
             self._loop()
         finally:
             self._cleanup()
@@ -256,6 +285,9 @@ class Master:
             self.log.info("listening on %s://%s", scheme, spec.address)
         workers = self._workers(self.cfg)
         self.log.info("ready: %d worker%s, pid %d", workers, "" if workers == 1 else "s", os.getpid())
+        # After a binary upgrade this master replaces the one systemd started: MAINPID says so.
+        self.notifier.ready(f"serving with {workers} workers",
+                            mainpid=os.getpid() if self.upgrade_from else None)
         if self.demo is not None:
             from fastlb.demo import announce
 
@@ -271,10 +303,17 @@ class Master:
         self.signals.append(signum)
 
     def _wait(self, timeout: float) -> None:
+        fds = [self._wake[0]]
+        if self.watcher is not None:
+            fds.append(self.watcher.fileno())
+            if self.watcher.due is not None:
+                timeout = max(0.0, min(timeout, self.watcher.due - time.monotonic()))
         try:
-            select.select([self._wake[0]], [], [], timeout)
+            ready, _, _ = select.select(fds, [], [], timeout)
         except InterruptedError:
-            pass
+            ready = []
+        if self.watcher is not None and self.watcher.fileno() in ready:
+            self.watcher.read(time.monotonic())
         try:
             while os.read(self._wake[0], 512):
                 pass
@@ -290,6 +329,10 @@ class Master:
             if self.stopping is not None and now > self.stop_deadline:
                 for child in self.children.values():
                     self._kill(child.pid, signal.SIGKILL)
+            if self.stopping == "graceful":
+                self._drain_step(now)
+            self._check_watch(now)
+            self._check_reload_requests()
             self._check_heartbeats(now)
             self._run_pending_spawns(now)
             self._check_pending_generation(now)
@@ -303,12 +346,61 @@ class Master:
 
     # -- signal handlers -----------------------------------------------------------------------------
     def handle_term(self) -> None:
-        if self.stopping is None:
-            self.log.info("SIGTERM: graceful stop (up to %ss)", self.cfg.server.graceful_timeout)
-            self.stopping = "graceful"
-            self.stop_deadline = time.monotonic() + self.cfg.server.graceful_timeout + 2
+        """Graceful stop.  On its own (not a binary upgrade's handover): /healthz answers 503 at once,
+        the workers go on serving for drain_delay so that an L4 balancer's health check takes this
+        node out before anything is refused, then drain; the control process (/healthz, the health
+        checks the draining workers still use) stops once they are gone."""
+        if self.stopping is not None:
+            return
+        now = time.monotonic()
+        graceful = self.cfg.server.graceful_timeout
+        self.stopping = "graceful"
+        if self._handing_over():
+            self.log.info("SIGTERM from the new master: graceful stop (up to %ss)", graceful)
+            self.stop_deadline = now + graceful + 2
             for child in self.children.values():
                 self._kill(child.pid, signal.SIGTERM)
+            return
+        self.shm.draining = True
+        self.notifier.stopping()
+        delay = self.cfg.server.drain_delay
+        if delay:
+            self.log.info("SIGTERM: /healthz answers 503; serving for drain_delay %ss, then a graceful "
+                          "stop (up to %ss)", delay, graceful)
+        else:
+            self.log.info("SIGTERM: graceful stop (up to %ss)", graceful)
+        self.drain_at = now + delay
+        self.stop_deadline = self.drain_at + graceful + 2
+        self._drain_step(now)
+
+    def _handing_over(self) -> bool:
+        """Whether the new master of a binary upgrade is running: its TERM hands the host over, and
+        the host is not draining (both masters serve the same sockets, the admin one included)."""
+        if self.upgrade_pid is None:
+            return False
+        try:
+            os.kill(self.upgrade_pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def _drain_step(self, now: float) -> None:
+        """Graceful stop after handle_term: the workers drain once drain_delay is over, the control
+        processes once no worker is left."""
+        if self.drain_at is None:
+            return
+        if now < self.drain_at:
+            return
+        workers = [c for c in self.children.values() if c.kind == "worker"]
+        for child in workers:
+            if not child.stopping:
+                child.stopping = True
+                self._kill(child.pid, signal.SIGTERM)
+        if workers:
+            return
+        self.drain_at = None
+        for child in self.children.values():
+            self._kill(child.pid, signal.SIGTERM)
 
     def handle_int(self) -> None:
         self.handle_quit()
@@ -316,7 +408,10 @@ class Master:
     def handle_quit(self) -> None:
         if self.stopping != "fast":
             self.log.info("fast stop")
+            if self.stopping is None and not self._handing_over():
+                self.notifier.stopping()
             self.stopping = "fast"
+            self.drain_at = None
             self.stop_deadline = time.monotonic() + 3
             for child in self.children.values():
                 self._kill(child.pid, signal.SIGQUIT)
@@ -372,14 +467,17 @@ class Master:
     def _reload(self) -> None:
         """Steps 1 and 2 of a reload (module docstring); _check_pending_generation does 3 and 4."""
         self.reload_started = time.monotonic()
+        self.notifier.reloading()
         try:
             cfg = self.reload_config()
             contexts, cert_facts = self._build_contexts(cfg)
+            upstream = self._upstream_contexts(cfg)
             sockets = self._open_sockets(cfg)
         except Exception as exc:  # ConfigError, or an OSError binding a new listener
             self._reload_failed(str(exc))
             return
         gen = _Generation(self.current.number + 1, cfg, contexts, cert_facts, sockets)
+        gen.upstream = upstream
         self.layout.extend(cfg, metrics.tls_suites(contexts))
         if _server_layout(cfg) != _server_layout(self.cfg):
             # State bytes are numbered by position: a changed server list starts everyone up again.
@@ -442,11 +540,50 @@ class Master:
         self._count("fastlb_config_reloads_total", result="success")
         self.log.info("reloaded: generation %d", gen.number)
         self._write_reload_status("success", f"generation {gen.number}")
+        if self.stopping is None:
+            self.notifier.ready(f"reloaded: generation {gen.number}")
+        self._watch()
 
     def _reload_failed(self, reason: str) -> None:
         self.log.error("reload failed, keeping the running config: %s", reason)
         self._count("fastlb_config_reloads_total", result="failure")
         self._write_reload_status("failure", reason)
+        if self.stopping is None:
+            self.notifier.ready(f"reload failed, keeping the running config: {reason}")
+
+    # -- [server] watch ------------------------------------------------------------------------------
+    def _watch(self) -> None:
+        """Watch the current config's files: after a reload the config may name other files, or no
+        longer ask for watching.  A change already seen but not yet reloaded carries over."""
+        old = self.watcher
+        files = input_files(self.cfg, self.ingress_files) if self.cfg.server.watch else None
+        if old is not None and files == old.files:
+            return
+        self.watcher = Watcher(files, self.log) if files is not None else None
+        if old is not None:
+            old.read(time.monotonic())
+            if self.watcher is not None:
+                self.watcher.changed, self.watcher.due = old.changed, old.due
+            old.close()
+        if self.watcher is not None and (old is None or old.directories != self.watcher.directories):
+            self.log.info("watch: reloading on changes in %s", ", ".join(self.watcher.directories))
+
+    def _check_watch(self, now: float) -> None:
+        if self.watcher is None or self.stopping is not None:
+            return
+        changed = self.watcher.take(now)
+        if changed:
+            self.log.info("watch: %s changed; reloading", ", ".join(changed))
+            self.handle_hup()
+
+    def _check_reload_requests(self) -> None:
+        """The control process found a new ACME certificate in storage (fastlb/acme/manager.py): the
+        reload serves it, carrying the session-ticket keys over, without dropping a connection."""
+        requests = self.shm.reload_requests()
+        if requests != self.reload_requests and self.stopping is None:
+            self.reload_requests = requests
+            self.log.info("acme: a new certificate is in storage; reloading")
+            self.handle_hup()
 
     def _close_unused(self, sockets: dict, kept: dict) -> None:
         """Close the sockets of one generation that the other does not use (a listener one has and the
@@ -507,6 +644,9 @@ class Master:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         os.close(self._wake[0])
         os.close(self._wake[1])
+        if self.watcher is not None:
+            self.watcher.close()
+        self.notifier.close()
         if self.pid_fd is not None:
             # The flock belongs to the open file description: a copy here would keep the pid file
             # locked after the master died, until this child noticed and exited.
@@ -528,10 +668,11 @@ class Master:
             # use it for, and the record differs from the socket slot while generations overlap.
             if kind == "worker":
                 worker = Worker(cfg, record, self._slot_sockets(gen, slot), gen.contexts, self.shm,
-                                master_pid, self.log, self.layout, self.store.area(area))
+                                master_pid, self.log, self.layout, self.store.area(area), gen.policies,
+                                upstream=gen.upstream)
                 return worker.run()
             return Control(cfg, self.admin_socket, self.demo_sockets, self.shm, record, master_pid,
-                           self.log, self.layout, self.store, gen.cert_facts).run()
+                           self.log, self.layout, self.store, gen.cert_facts, upstream=gen.upstream).run()
         except BaseException as exc:  # noqa: BLE001 - whatever it is, the master must hear why
             ready = self.shm.read(record)[1] == shm_mod.READY
             reason = "".join(traceback.format_exception_only(exc)).strip()
@@ -693,6 +834,10 @@ class Master:
             self.log.warning("cannot write the reload status file %s: %s", path, exc)
 
     def _cleanup(self, quiet: bool = False) -> None:
+        if self.watcher is not None:
+            self.watcher.close()
+            self.watcher = None
+        self.notifier.close()
         if self.pid_fd is not None:
             # Ours to remove only if the file still names us: after an upgrade it names the new master
             # (which shares our lock), and a file someone replaced is theirs.
