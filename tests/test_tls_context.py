@@ -728,6 +728,11 @@ def client_pki(tmp_path_factory):
         good=authority.issue_cert("alice.example", "alice@example.com"),
         revoked=revoked,
         stranger=trustme.CA().issue_cert("mallory.example"),
+        expired=authority.issue_cert("expired.example", not_before=days_from_now(-10), not_after=days_from_now(-1)),
+        # Signed by the right CA, but its extendedKeyUsage allows serverAuth only.
+        server_only=write_certificate(
+            str(directory), "server-only", ["server-only.example"], days_from_now(-1), days_from_now(1), ca=authority
+        ),
     )
 
 
@@ -753,7 +758,10 @@ def client_auth(client_pki, mode="require", crl=True):
 
 
 def with_certificate(context, leaf):
-    leaf.configure_cert(context)
+    if isinstance(leaf, tuple):  # (cert_path, key_path) from write_certificate
+        context.load_cert_chain(*leaf)
+    else:
+        leaf.configure_cert(context)
     return context
 
 
@@ -763,12 +771,15 @@ def with_certificate(context, leaf):
 
 TLS12, TLS13 = ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3
 # alert descriptions (RFC 8446 section 6.2, RFC 5246 section 7.2) and the reason a client reports for each
-PROTOCOL_VERSION, HANDSHAKE_FAILURE, CERTIFICATE_REVOKED, UNKNOWN_CA = 70, 40, 44, 48
+PROTOCOL_VERSION, HANDSHAKE_FAILURE, UNSUPPORTED_CERTIFICATE, CERTIFICATE_REVOKED = 70, 40, 43, 44
+CERTIFICATE_EXPIRED, UNKNOWN_CA = 45, 48
 UNRECOGNIZED_NAME, CERTIFICATE_REQUIRED = 112, 116
 CLIENT_SEES = {
     PROTOCOL_VERSION: "TLSV1_ALERT_PROTOCOL_VERSION",
     HANDSHAKE_FAILURE: "SSLV3_ALERT_HANDSHAKE_FAILURE",
+    UNSUPPORTED_CERTIFICATE: "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE",
     CERTIFICATE_REVOKED: "SSLV3_ALERT_CERTIFICATE_REVOKED",
+    CERTIFICATE_EXPIRED: "SSLV3_ALERT_CERTIFICATE_EXPIRED",
     UNKNOWN_CA: "TLSV1_ALERT_UNKNOWN_CA",
     UNRECOGNIZED_NAME: "TLSV1_UNRECOGNIZED_NAME",
     CERTIFICATE_REQUIRED: "TLSV13_ALERT_CERTIFICATE_REQUIRED",
@@ -805,6 +816,11 @@ FAILURES = [
      "CERTIFICATE_VERIFY_FAILED", "bad_client_certificate", CERTIFICATE_REVOKED, False),
     ("revoked-tls1.2", lambda pems, pki: with_certificate(client_context(pems, maximum=TLS12), pki.revoked),
      "CERTIFICATE_VERIFY_FAILED", "bad_client_certificate", CERTIFICATE_REVOKED, True),
+    ("expired-tls1.3", lambda pems, pki: with_certificate(client_context(pems, minimum=TLS13), pki.expired),
+     "CERTIFICATE_VERIFY_FAILED", "bad_client_certificate", CERTIFICATE_EXPIRED, False),
+    ("server-only-eku-tls1.2",
+     lambda pems, pki: with_certificate(client_context(pems, maximum=TLS12), pki.server_only),
+     "CERTIFICATE_VERIFY_FAILED", "bad_client_certificate", UNSUPPORTED_CERTIFICATE, True),
 ]
 
 
@@ -1097,6 +1113,19 @@ def test_xfcc_quotes_and_escapes_what_a_certificate_may_carry(client_pki):
     ]
     assert b'URI="https://example.org/x?a=1;b=2"' in value
     assert [v for k, v in pairs if k == "DNS"] == ["a.example", "b.example"]
+
+
+def test_xfcc_of_a_certificate_cryptography_cannot_fully_read(client_pki):
+    der = x509.load_pem_x509_certificate(client_pki.good.cert_chain_pems[0].bytes()).public_bytes(
+        serialization.Encoding.DER
+    )
+    # The DNS name's length one byte too long: the subjectAltName no longer parses; the subject still does.
+    at = der.index(b"\x82\x0dalice.example")
+    broken_san = der[: at + 1] + b"\x0e" + der[at + 2 :]
+    subject = x509.load_der_x509_certificate(der).subject.rfc4514_string()
+    assert certs.xfcc(broken_san) == f'Hash={hashlib.sha256(broken_san).hexdigest()};Subject="{subject}";URI='.encode()
+    garbage = b"\x30\x03not"
+    assert certs.xfcc(garbage) == f'Hash={hashlib.sha256(garbage).hexdigest()};Subject="";URI='.encode()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -212,12 +212,19 @@ def xfcc(der: bytes) -> bytes:
     backslash that a quote-aware XFCC parser (Envoy's is one) could take for the end of a quoted value:
     whatever a certificate carries, the header cannot be split, nor its pairs forged.
     """
-    certificate = x509.load_der_x509_certificate(der)
-    parts = [
-        "Hash=" + hashlib.sha256(der).hexdigest(),
-        f'Subject="{_xfcc_dn(certificate.subject.rfc4514_string(_DN_NAMES))}"',
-    ]
-    san = _subject_alt_names(certificate)
+    # OpenSSL verified this certificate, but cryptography's strict DER parser can refuse what OpenSSL
+    # reads leniently (a BER length, a malformed extension). The hash alone still identifies the
+    # certificate, so a part that cannot be read is left empty rather than failing the request.
+    try:
+        certificate = x509.load_der_x509_certificate(der)
+        subject = certificate.subject.rfc4514_string(_DN_NAMES)
+    except ValueError:
+        certificate, subject = None, ""
+    try:
+        san = _subject_alt_names(certificate) if certificate is not None else None
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
+        san = None
+    parts = ["Hash=" + hashlib.sha256(der).hexdigest(), f'Subject="{_xfcc_dn(subject)}"']
     uris = san.get_values_for_type(x509.UniformResourceIdentifier) if san is not None else []
     dns = san.get_values_for_type(x509.DNSName) if san is not None else []
     parts += [f"URI={_xfcc_value(uri)}" for uri in uris] or ["URI="]
