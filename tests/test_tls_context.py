@@ -948,7 +948,8 @@ def test_optional_client_certificate(pems, client_pki):
         assert tls.handshake_failure_reason(refused.error) == "bad_client_certificate"
 
 
-def test_certificate_request_names_the_client_cas(pems, client_pki):
+@pytest.mark.parametrize("server_hostname", ["localhost", "rsa.example"])
+def test_certificate_request_names_the_client_cas(pems, client_pki, mtls_server_context, server_hostname):
     # TLS 1.2 sends the CertificateRequest in the clear: its certificate_authorities list is in the
     # server's first flight. The stdlib alone (load_verify_locations, the control) sends an empty list.
     subject = x509.load_pem_x509_certificate(client_pki.authority.cert_pem.bytes()).subject.public_bytes()
@@ -956,13 +957,12 @@ def test_certificate_request_names_the_client_cas(pems, client_pki):
     def first_flight(context):
         s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO()
         server = context.wrap_bio(s_in, s_out, server_side=True)
-        s_in.write(client_hello(client_context(pems, maximum=TLS12)))
+        s_in.write(client_hello(client_context(pems, maximum=TLS12), server_hostname=server_hostname))
         with pytest.raises(ssl.SSLWantReadError):
             server.do_handshake()
         return s_out.read()
 
-    spec = tls_spec([pems.default], client_auth=client_auth(client_pki))
-    assert subject in first_flight(tls.build_server_context(spec, SOURCE))
+    assert subject in first_flight(mtls_server_context)
     control = tls.build_server_context(tls_spec([pems.default]), SOURCE)
     control.verify_mode = ssl.CERT_REQUIRED
     control.load_verify_locations(client_pki.ca)
