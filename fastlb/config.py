@@ -1300,6 +1300,8 @@ def _check_acme(config: Config, raw: dict[str, Any], ctx: _Ctx) -> None:
     acme = config.acme
     if not acme.directory:
         raise _file_error(ctx, f"tls.certificates[{managed[0]}].acme", "needs [acme] directory")
+    if not any(listener.tls for listener in config.listeners):
+        raise _file_error(ctx, f"tls.certificates[{managed[0]}].acme", "needs a TLS listener to serve it")
     if bool(acme.eab_kid) != bool(acme.eab_hmac_key):
         raise _file_error(ctx, "acme.eab_kid" if not acme.eab_kid else "acme.eab_hmac_key",
                           "eab_kid and eab_hmac_key go together")
