@@ -40,3 +40,18 @@ def redirect_response(location: bytes, request_id: bytes, date: bytes, close: bo
         b"\r\nContent-Length: 0\r\n", b"Connection: close\r\n" if close else b"",
         b"Date: ", date, b"\r\nX-Request-ID: ", request_id, b"\r\n\r\n",
     ))
+
+
+def local_response(status: int, fields: bytes, body: bytes, request_id: bytes, date: bytes, close: bool,
+                   head_request: bool = False) -> bytes:
+    """An answer a route policy or a hook made (401, 429, a hook's Response): `fields` are its own
+    field lines, each ending in CRLF; fastlb adds the framing, Date and X-Request-ID."""
+    try:
+        phrase = HTTPStatus(status).phrase.encode()
+    except ValueError:
+        phrase = b""  # RFC 9112 §4: the reason phrase may be empty
+    return b"".join((
+        b"HTTP/1.1 %d %s\r\n" % (status, phrase), fields, b"Content-Length: %d\r\n" % len(body),
+        b"Connection: close\r\n" if close else b"", b"Date: ", date, b"\r\nX-Request-ID: ", request_id,
+        b"\r\n\r\n", b"" if head_request else body,
+    ))

@@ -47,13 +47,13 @@ cdef class Shared:
     cdef public bytes date
     cdef public str iso_time
     cdef public bint draining
+    cdef public object acme
 
     cpdef bytes next_request_id(self)
 
 
 @cython.final
 cdef class ClientConnection:
-    cdef object __weakref__
     cdef public object worker, listener, transport
     cdef public Shared shared
     cdef double[:] area
@@ -70,8 +70,10 @@ cdef class ClientConnection:
     cdef public bint write_paused
     cdef public double deadline, send_deadline
     cdef public int deadline_kind
-    cdef public object held, tunnel, tls_version, handshake
+    cdef public object held, tunnel, tls_version
+    cdef public bytes client_cert, xfcc
     cdef public int failed
+    cdef public UpstreamConnection private
 
     cdef void _to(self, int state) except *
     cdef void _partial_head(self, bytes data, Py_ssize_t pos, double now) except *
@@ -113,11 +115,13 @@ cdef class Exchange:
     cdef public int status, attempts
     cdef public object host, target
     cdef public long long bytes_in, bytes_out, body_received
+    cdef public object answer, policy, hook_req
 
     cdef void _to(self, int state) except *
     cpdef void start(self) except *
     @cython.locals(balancer=Balancer, server=Server)
     cpdef void try_next(self) except *
+    @cython.locals(client=ClientConnection, conn=UpstreamConnection)
     cdef void use(self, Server server, bint pooled) except *
     @cython.locals(server=Server)
     cpdef void release_server(self) except *
@@ -140,7 +144,8 @@ cdef class UpstreamConnection:
     cdef ChunkedBody chunked
     cdef bint got_bytes, keep, down_chunked, reused
     cdef public double deadline, idle_since, sent_at
-    cdef public ClientConnection tunnel
+    cdef public ClientConnection tunnel, owner
+    cdef public object tls_name
 
     cdef void _to(self, int state) except *
     cpdef void attach(self, Exchange ex, bint reused) except *

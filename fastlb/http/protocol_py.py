@@ -39,14 +39,14 @@ import functools
 import os
 import socket
 import struct
-import weakref
 from collections import deque
 from time import monotonic
 
 from fastlb import core
 from fastlb.http import framing
-from fastlb.http.errors import error_response, redirect_response
+from fastlb.http.errors import error_response, local_response, redirect_response
 from fastlb.lb.router import InvalidHost
+from fastlb.net.certs import xfcc
 from fastlb.obs.accesslog import record
 from fastlb.obs.metrics import BUCKETS, HIST_SUM
 
@@ -216,6 +216,8 @@ class Shared:
         self.date = b""          # the Date header value, refreshed once a second by the worker
         self.iso_time = ""       # the same second for the access log
         self.draining = False
+        # fastlb/acme/challenges.py Http01Responder when a certificate is managed by ACME, else None.
+        self.acme = None
 
     def next_request_id(self) -> bytes:
         self.rid += 1
@@ -250,11 +252,11 @@ class ClientConnection:
         self.tunnel = None
         self.tls_version = None
         self.failed = 0           # status of a bad pipelined request, answered after the ones before it
-        self.handshake = None
-        if listener.m_tls is not None:
-            ref = weakref.ref(self, functools.partial(worker.handshake_abandoned, listener, monotonic()))
-            worker.handshakes[id(ref)] = ref
-            self.handshake = ref
+        # An idle upstream connection that carries this client's address in its PROXY header
+        # (send_proxy): private to this client, never pooled for another (fastlb/net/upstream_tls.py).
+        self.private = None
+        self.client_cert = None   # DER of the client's verified certificate (mTLS)
+        self.xfcc = None          # its X-Forwarded-Client-Cert field line, added to every upstream head
 
     def _to(self, state) -> None:
         if _DEBUG:
@@ -277,14 +279,18 @@ class ClientConnection:
         listener.open += 1
         worker.area[listener.m_total] += 1
         if listener.m_tls is not None:
-            # Completed: drop every strong reference to the weakref, so its callback never fires.
-            del worker.handshakes[id(self.handshake)]
-            self.handshake = None
             tls = transport.get_extra_info("ssl_object")
             self.tls_version = tls.version()
             index = listener.m_tls.get((self.tls_version, tls.cipher()[0], tls.session_reused))
             if index is not None:
                 worker.area[index] += 1
+            if listener.client_auth:
+                der = tls.getpeercert(True)
+                if der is not None:
+                    # Verified by OpenSSL during the handshake (a failed one never gets here).
+                    self.client_cert = der
+                    self.xfcc = b"X-Forwarded-Client-Cert: %s\r\n" % xfcc(der)
+                    worker.area[listener.m_client_certs["verified"]] += 1
         peer = transport.get_extra_info("peername")
         if peer:
             self.client_ip = peer[0].encode()
@@ -415,6 +421,12 @@ class ClientConnection:
         if shared.max_body_bytes and length > shared.max_body_bytes:
             self.fail(413)  # refused before the body is read
             return False
+        if shared.acme is not None and target.startswith(b"/.well-known/acme-challenge/"):
+            # RFC 8555 section 8.3: the CA's HTTP-01 check, answered by every worker, before routing
+            # and before redirect_to_https (the CA would follow the redirect, but the answer is here).
+            self.transport.write(shared.acme.response(target, request_id, shared.date))
+            self.close()
+            return False
         if listener.redirect_to_https:
             self.transport.write(redirect_response(
                 listener.https_location(host, target), request_id, shared.date, True))
@@ -425,6 +437,11 @@ class ClientConnection:
         except InvalidHost:
             self.fail(400)  # RFC 9112 §3.2: a Host that is not a valid uri-host[:port]
             return False
+        if route is not None and route.require_client_cert and self.client_cert is None:
+            status = 403  # answered once the exchange starts, like 417; the connection stays usable
+        if self.xfcc is not None:
+            # The verified identity (parse_request dropped any the client sent), Envoy's header.
+            head = b"".join((head[:-2], self.xfcc, b"\r\n"))
         ex = Exchange(self, method, head, flags, request_id, route, now)
         # HTTP/1.0 clients are closed after the response (RFC 9112 §9.3): no guessing at 1.0 keep-alive.
         # An ambiguous request (a body on GET/HEAD) closes both connections after it, as AWS's defensive
@@ -434,8 +451,12 @@ class ClientConnection:
         ex.host = host
         ex.target = target
         ex.bytes_in = stop - start
-        if route is not None and route.backend.hash_key is not None:
-            ex.key = route.backend.hash_key(head, self.client_ip, target)
+        if route is not None and route.policy is not None and not status:
+            # The route's policies and hooks (fastlb/policy): they may answer locally (ex.status), hold
+            # the exchange while an async hook decides, or edit the upstream head and the backend.
+            route.policy.request(self, ex)
+        if ex.backend is not None and ex.backend.hash_key is not None:
+            ex.key = ex.backend.hash_key(ex.head, self.client_ip, target)
         self.incoming = ex
         if flags & _F_CHUNKED:
             self._to(C_CHUNKED)
@@ -557,6 +578,9 @@ class ClientConnection:
                     ex.upstream.transport.abort()
                     ex.upstream = None
         self.active = self.incoming = self.queue = None
+        if self.private is not None:
+            conn, self.private = self.private, None
+            conn.transport.close()
 
     @property
     def closed(self) -> bool:
@@ -692,6 +716,10 @@ class Exchange:
         self.upstream_time = 0.0
         self.attempts = 0
         self.body_received = 0
+        # Set only on routes with policies or hooks (fastlb/policy):
+        self.answer = None        # (field lines, body) of a local answer a policy or hook made
+        self.policy = None        # the RoutePolicy that edits the response head
+        self.hook_req = None      # the fastlb.hooks.Request the hooks see
 
     def _to(self, state) -> None:
         if _DEBUG:
@@ -701,7 +729,8 @@ class Exchange:
     # -- 3. choosing a server ------------------------------------------------------------------------
     def start(self) -> None:
         if self.status:
-            self.respond_local(self.status)
+            if self.status > 0:  # negative: an async hook is deciding; it starts the exchange itself
+                self.respond_local(self.status)
         elif self.backend is None:
             self.respond_local(404)
         else:
@@ -730,12 +759,27 @@ class Exchange:
         self.attempts += 1
         server.active += 1
         if pooled:
-            idle = server.idle
-            while idle:
-                conn = idle.pop()
+            client = self.client
+            conn = client.private
+            if conn is not None and conn.server is server:
+                client.private = None
                 if not conn.transport.is_closing():
                     conn.attach(self, True)
                     return
+            idle = server.idle
+            link = server.link
+            if link is not None and link.sni_from_host:
+                # Only a connection made (and verified) for this request's Host may carry it.
+                conn = _pooled_for(idle, link.name_for(self.host))
+                if conn is not None:
+                    conn.attach(self, True)
+                    return
+            else:
+                while idle:
+                    conn = idle.pop()
+                    if not conn.transport.is_closing():
+                        conn.attach(self, True)
+                        return
         self._to(X_CONNECTING)
         connect(self.client.worker, server, self)
 
@@ -807,7 +851,12 @@ class Exchange:
         client = self.client
         self.status = status
         close = not self.keep_alive or client.shared.draining
-        response = error_response(status, self.request_id, client.shared.date, close, self.is_head)
+        if self.answer is None:
+            response = error_response(status, self.request_id, client.shared.date, close, self.is_head)
+        else:
+            fields, body = self.answer
+            response = local_response(status, fields, body, self.request_id, client.shared.date, close,
+                                      self.is_head)
         self.bytes_out += len(response)
         client.transport.write(response)
         if close:
@@ -863,6 +912,8 @@ class UpstreamConnection:
         self.tunnel = None        # the ClientConnection after a 101 upgrade
         self.reused = False
         self.sent_at = 0.0
+        self.owner = None         # send_proxy: the ClientConnection this connection is private to
+        self.tls_name = None      # TLS: the upstream_tls.TlsName it was opened with (SNI, session)
 
     def _to(self, state) -> None:
         if _DEBUG:
@@ -1003,6 +1054,19 @@ class UpstreamConnection:
             server.fails = 0
         ex.upstream_time = self.shared.now - self.sent_at
         _observe(ex.client.area, server.m_upstream, ex.upstream_time)
+        if ex.policy is not None:
+            head = ex.policy.response(ex, status, head)  # response_headers, on_response (fastlb/policy)
+            if head is None:
+                # The response hook raised: the client gets a 500 instead, and this response goes with
+                # its connection (the body left unread would be taken for the next response).
+                self._flush(out)
+                self.ex = None
+                self._to(U_CLOSED)
+                self.transport.abort()
+                ex.upstream = None
+                ex.release_server()
+                ex.respond_local(500)
+                return False
         ex.status = status
         ex._to(X_STREAMING)
         out.append(head)
@@ -1053,12 +1117,25 @@ class UpstreamConnection:
             return
         ex = self.ex
         if ex is None:
+            owner = self.owner
+            if owner is not None:
+                if owner.private is self:
+                    owner.private = None
+                return
             idle = self.server.idle
             if self in idle:
                 idle.remove(self)
             return
         self.ex = None
         if ex.state == X_SENT:
+            link = self.server.link
+            if (link is not None and not self.got_bytes and not self.reused
+                    and link.refused(exc, self.worker.area, self.worker.log)):
+                # A TLS 1.3 server checks our certificate after its side of the handshake is done
+                # (RFC 8446 §4.4.2.4): a refusal comes as an alert in place of the response, and the
+                # request never reached the application.  A failed connect, then: the next server.
+                ex.upstream_failed(self.server, "tls", False)
+                return
             # A pooled connection the server closed just as we reused it is the classic keep-alive
             # race (RFC 9112 §9.3.1); Exchange.upstream_failed replays idempotent requests only.
             ex.upstream_failed(self.server, "invalid" if self.got_bytes else "reset", True,
@@ -1096,13 +1173,27 @@ class UpstreamConnection:
         self.ex = None
         self.chunked = None
         client = ex.client
+        if not self.reused and self.tls_name is not None:
+            # The first response on a new TLS connection: its session, with the TLS 1.3 ticket that
+            # came after the handshake, resumes the next connection (fastlb/net/upstream_tls.py, 3).
+            self.tls_name.session = self.transport.get_extra_info("ssl_object").session
         if (self.keep and not dirty and client.incoming is not ex
                 and not ex.flags & _F_AMBIGUOUS and self.state != U_TUNNEL):
             self._to(U_IDLE)
             self.idle_since = self.shared.now
             if client.write_paused:
                 self.transport.resume_reading()
-            self.server.idle.append(self)
+            if self.owner is None:
+                self.server.idle.append(self)
+            elif client.state != C_CLOSED:
+                # send_proxy: kept for this client's next request only.
+                old = client.private
+                client.private = self
+                if old is not None:
+                    old.transport.close()
+            else:
+                self._to(U_CLOSED)
+                self.transport.close()
         else:
             # An early answer before the whole request body was read leaves the body half-sent on
             # this connection: it cannot carry another request.
@@ -1147,33 +1238,70 @@ def connect(worker, server, ex) -> None:
     """Open a new connection to server for ex; the outcome arrives in _connected."""
     loop = worker.loop
     conn = UpstreamConnection(worker, server)
-    task = loop.create_task(loop.create_connection(lambda: conn, server.host, server.port))
+    link = server.link
+    if link is None:
+        coro = loop.create_connection(lambda: conn, server.host, server.port)
+    else:
+        # TLS and/or a PROXY header (fastlb/net/upstream_tls.py): a connection that carries this
+        # client's address in its header is this client's alone.
+        header = None
+        if link.proxy:
+            header = link.proxy_header(ex.client.transport)
+            conn.owner = ex.client
+        if link.context is not None:
+            conn.tls_name = link.name_for(ex.host)
+        coro = link.open(loop, conn, conn.tls_name, header)
+    task = loop.create_task(coro)
     timer = loop.call_later(ex.backend.spec.connect_timeout, task.cancel)
     task.add_done_callback(functools.partial(_connected, conn, ex, timer))
 
 
 def _connected(conn, ex, timer, task) -> None:
     timer.cancel()
+    server = conn.server
     if task.cancelled():
-        ex.upstream_failed(conn.server, "timeout", False)
+        ex.upstream_failed(server, "timeout", False)
         return
-    if task.exception() is not None:
-        ex.upstream_failed(conn.server, "connect", False)
+    exc = task.exception()
+    if exc is not None:
+        link = server.link
+        # A certificate that fails verification, or a refused handshake, is a failed connect: kind
+        # "tls", counted by reason and logged with OpenSSL's words (upstream_tls.ServerLink.failed).
+        kind = "connect" if link is None else link.failed(exc, conn.worker.area, conn.worker.log)
+        if conn.transport is not None and not conn.transport.is_closing():
+            conn.transport.abort()  # send_proxy + TLS: the raw connection outlives a failed start_tls
+        ex.upstream_failed(server, kind, False)
         return
     if conn.transport.is_closing():
         # uvloop runs connection_made, the task's result and this callback on separate loop
         # iterations: a server that closes or resets right after accepting is already gone here.
         # Writing to it would raise and leave the exchange to response_timeout (issue 14's flake).
         # Nothing was sent, so any method may go to the next server.
-        if ex.state == X_CONNECTING and ex.server is conn.server:
-            ex.upstream_failed(conn.server, "reset", False)
+        if ex.state == X_CONNECTING and ex.server is server:
+            ex.upstream_failed(server, "reset", False)
         return
-    if ex.state == X_CONNECTING and ex.server is conn.server and ex.client.state != C_CLOSED:
+    if conn.tls_name is not None:
+        server.link.connected(conn.transport, conn.worker.area)
+    if ex.state == X_CONNECTING and ex.server is server and ex.client.state != C_CLOSED:
         conn.attach(ex, False)
+    elif conn.owner is not None:
+        conn.transport.close()  # made for a client that went away: nobody else may use it
     else:
         # The client went away while we were connecting: keep the fresh connection for the next one.
         conn.idle_since = conn.shared.now
-        conn.server.idle.append(conn)
+        server.idle.append(conn)
+
+
+def _pooled_for(idle: list, name):
+    """The warmest idle connection opened under this TLS name (sni_from_host), taken out, or None."""
+    i = len(idle) - 1
+    while i >= 0:
+        conn = idle[i]
+        if conn.tls_name == name and not conn.transport.is_closing():
+            del idle[i]
+            return conn
+        i -= 1
+    return None
 
 
 __all__ = ["ClientConnection", "Exchange", "Shared", "UpstreamConnection", "connect"]

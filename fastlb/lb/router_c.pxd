@@ -7,6 +7,8 @@ cimport cython
 cdef class Route:
     cdef public str name
     cdef public object backend
+    cdef public bint require_client_cert
+    cdef public object policy
     cdef public tuple m_requests
     cdef public Py_ssize_t m_duration
 

@@ -19,11 +19,15 @@ class InvalidHost(ValueError):
 
 
 class Route:
-    __slots__ = ("name", "backend", "m_requests", "m_duration")
+    __slots__ = ("name", "backend", "require_client_cert", "policy", "m_requests", "m_duration")
 
-    def __init__(self, name: str, backend: Any):
+    def __init__(self, name: str, backend: Any, require_client_cert: bool = False):
         self.name = name
         self.backend = backend
+        self.require_client_cert = require_client_cert  # 403 without a verified client certificate
+        # fastlb/policy: the route's policies and hooks, bound by the worker; None for a plain route,
+        # which is all the data path tests (one `is None` per request).
+        self.policy = None
 
 
 class _PathTable:
@@ -74,7 +78,7 @@ class Router:
         self._hosts: dict[bytes, tuple] = {}
         self.routes: list[Route] = []
         for spec in routes:
-            route = Route(f"{spec.host or '*'}{spec.path}", backends[spec.backend])
+            route = Route(f"{spec.host or '*'}{spec.path}", backends[spec.backend], spec.require_client_cert)
             self.routes.append(route)
             if spec.host is None:
                 if self._any is None:

@@ -11,6 +11,8 @@ the owner exits.  The control process sums all areas on scrape and prints Promet
 
 import mmap
 
+from fastlb.net.upstream_tls import TLS_FAILURES as UPSTREAM_TLS_FAILURES
+
 # Latency buckets in seconds (upper bounds; +Inf is implicit).
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # buckets, +Inf, sum; the count is the +Inf bucket's cumulative value, derived on scrape.  The data
@@ -18,11 +20,17 @@ BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.
 _HIST_SIZE = len(BUCKETS) + 2
 HIST_SUM = _HIST_SIZE - 1
 CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
-UPSTREAM_ERRORS = ("connect", "timeout", "reset", "invalid")
+# "tls": certificate verification or the handshake failed (net/upstream_tls.py).
+UPSTREAM_ERRORS = ("connect", "timeout", "reset", "invalid", "tls")
 BAD_STATUSES = (400, 405, 408, 413, 414, 417, 431, 500, 501, 505)
-# uvloop reports neither why a handshake failed nor that it did; fastlb tells the ones cut by
-# handshake_timeout from the rest (refused: bad version, no shared cipher, not TLS, reset...).
-TLS_FAILURES = ("timeout", "refused")
+# Why a TLS handshake failed (net/tls.py handshake_failure_reason, http/front_py.py); "other" is what
+# OpenSSL refused for a reason none of these names (a malformed ClientHello, say).
+TLS_FAILURES = ("unsupported_version", "no_shared_cipher", "unknown_sni", "bad_client_certificate", "not_tls",
+                "timeout", "reset", "other")
+# Why a connection on a proxy_protocol listener was cut before HTTP or TLS started.
+PROXY_FAILURES = ("untrusted", "bad_header", "timeout")
+
+ACME_RESULTS = ("success", "failure", "rate_limited")
 
 MAX_SERIES = 16384
 AREAS = 64                 # worker processes alive at once (all generations), + the master's area
@@ -38,11 +46,21 @@ HELP = {
     "fastlb_backend_server_active_requests": ("gauge", "Requests in flight to the server."),
     "fastlb_upstream_errors_total": ("counter", "Failed upstream attempts, by kind."),
     "fastlb_retries_total": ("counter", "Requests sent to another server after a failed attempt."),
+    "fastlb_upstream_tls_handshakes_total": ("counter", "TLS handshakes to backend servers, full or resumed."),
+    "fastlb_upstream_tls_errors_total": ("counter", "Failed TLS handshakes to backend servers, by reason."),
+    "fastlb_hook_errors_total": ("counter", "Python hooks that raised (each answered 500), by hook."),
+    "fastlb_rate_limited_total": ("counter", "Requests refused by a route's rate_limit (429), by route."),
     "fastlb_connections_open": ("gauge", "Client connections open."),
     "fastlb_connections_total": ("counter", "Client connections accepted."),
     "fastlb_tls_handshakes_total": ("counter", "Completed TLS handshakes."),
-    "fastlb_tls_handshake_errors_total": ("counter", "TLS handshakes that failed or timed out."),
+    "fastlb_tls_handshake_errors_total": ("counter", "TLS handshakes that failed or timed out, by reason."),
+    "fastlb_tls_client_certificates_total": ("counter", "Client certificates verified or refused (mTLS)."),
+    "fastlb_proxy_protocol_errors_total": ("counter", "Connections cut for a missing, bad or untrusted PROXY header."),
+    "fastlb_passthrough_connections_total": ("counter", "Connections spliced to a backend by SNI, undecrypted."),
+    "fastlb_passthrough_bytes_total": ("counter", "Bytes relayed by SNI passthrough (in: from clients)."),
     "fastlb_tls_certificate_expiry_seconds": ("gauge", "Unix time of the certificate's notAfter."),
+    "fastlb_acme_orders_total": ("counter", "ACME certificate orders, by result (success, failure, rate_limited)."),
+    "fastlb_acme_next_renewal_seconds": ("gauge", "Unix time of the next ACME order for the certificate (renewal or retry)."),
     "fastlb_bad_requests_total": ("counter", "Requests refused as malformed or over a limit."),
     "fastlb_worker_restarts_total": ("counter", "Workers respawned after dying."),
     "fastlb_config_reloads_total": ("counter", "Reloads, by result."),
@@ -98,8 +116,20 @@ class Layout:
             for cls in CODE_CLASSES:
                 self.counter("fastlb_requests_total", route=route, backend=backend, code_class=cls)
             self.histogram("fastlb_request_duration_seconds", route=route)
+        for spec in cfg.routes:
+            if spec.rate_limit is not None:
+                self.counter("fastlb_rate_limited_total", route=f"{spec.host or '*'}{spec.path}")
+        from fastlb import policy  # the hook modules, imported at config load, name these series
+
+        for hook in policy.hook_names(cfg):
+            self.counter("fastlb_hook_errors_total", hook=hook)
         for name, spec in cfg.backends.items():
             self.counter("fastlb_retries_total", backend=name)
+            if spec.tls is not None and spec.tls.enabled:
+                for resumed in ("false", "true"):
+                    self.counter("fastlb_upstream_tls_handshakes_total", backend=name, resumed=resumed)
+                for reason in UPSTREAM_TLS_FAILURES:
+                    self.counter("fastlb_upstream_tls_errors_total", backend=name, reason=reason)
             for server in spec.servers:
                 s = str(server.address)
                 self.histogram("fastlb_upstream_response_seconds", backend=name, server=s)
@@ -110,7 +140,17 @@ class Layout:
             listener = str(spec.address)
             self.gauge("fastlb_connections_open", listener=listener)
             self.counter("fastlb_connections_total", listener=listener)
+            if spec.proxy_protocol:
+                for reason in PROXY_FAILURES:
+                    self.counter("fastlb_proxy_protocol_errors_total", listener=listener, reason=reason)
+            for entry in spec.passthrough:
+                self.counter("fastlb_passthrough_connections_total", listener=listener, backend=entry.backend)
+                for direction in ("in", "out"):
+                    self.counter("fastlb_passthrough_bytes_total", listener=listener, backend=entry.backend,
+                                 direction=direction)
             if spec.tls:
+                for result in ("verified", "failed"):
+                    self.counter("fastlb_tls_client_certificates_total", listener=listener, result=result)
                 for reason in TLS_FAILURES:
                     self.counter("fastlb_tls_handshake_errors_total", listener=listener, reason=reason)
                 for version, cipher in tls_suites:
@@ -123,6 +163,9 @@ class Layout:
         self.counter("fastlb_worker_restarts_total")
         for result in ("success", "failure"):
             self.counter("fastlb_config_reloads_total", result=result)
+        if any(spec.acme for spec in cfg.tls.certificates):
+            for result in ACME_RESULTS:
+                self.counter("fastlb_acme_orders_total", result=result)
 
 
 def route_names(cfg) -> list[str]:
@@ -236,13 +279,31 @@ def bind(layout: Layout, worker) -> None:
             server.m_active = layout.find("fastlb_backend_server_active_requests", **labels)
             server.m_errors = {kind: layout.find("fastlb_upstream_errors_total", kind=kind, **labels)
                                for kind in UPSTREAM_ERRORS}
+            link = server.link
+            if link is not None and link.context is not None:
+                link.m_handshakes = tuple(layout.find("fastlb_upstream_tls_handshakes_total", backend=backend.name,
+                                                      resumed=resumed) for resumed in ("false", "true"))
+                link.m_errors = {reason: layout.find("fastlb_upstream_tls_errors_total", backend=backend.name,
+                                                     reason=reason) for reason in UPSTREAM_TLS_FAILURES}
     worker.m_bad = {status: layout.find("fastlb_bad_requests_total", status=str(status))
                     for status in BAD_STATUSES}
     for info in worker.listeners:
         name = str(info.spec.address)
         info.m_open = layout.find("fastlb_connections_open", listener=name)
         info.m_total = layout.find("fastlb_connections_total", listener=name)
+        if info.spec.proxy_protocol:
+            info.m_proxy_errors = {reason: layout.find("fastlb_proxy_protocol_errors_total", listener=name,
+                                                       reason=reason) for reason in PROXY_FAILURES}
+        if info.spec.passthrough:
+            info.m_passthrough_total = {p.backend: layout.find(
+                "fastlb_passthrough_connections_total", listener=name, backend=p.backend)
+                for p in info.spec.passthrough}
+            info.m_passthrough = {p.backend: tuple(layout.find(
+                "fastlb_passthrough_bytes_total", listener=name, backend=p.backend, direction=d)
+                for d in ("in", "out")) for p in info.spec.passthrough}
         if info.spec.tls:
+            info.m_client_certs = {result: layout.find("fastlb_tls_client_certificates_total", listener=name,
+                                                       result=result) for result in ("verified", "failed")}
             info.m_tls_errors = {reason: layout.find("fastlb_tls_handshake_errors_total", listener=name,
                                                      reason=reason) for reason in TLS_FAILURES}
             info.m_tls = {(version, cipher, resumed == "true"): layout.find(

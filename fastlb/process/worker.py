@@ -8,18 +8,22 @@ a fresh monotonic clock, while `now` is only the tick's).
 """
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import os
 import signal
 import time
-import weakref
 from email.utils import formatdate
-from time import monotonic
 
+from fastlb import policy
+from fastlb.acme.challenges import Http01Responder, challenge_context
+from fastlb.acme.storage import Storage
+from fastlb.http.front import Front
 from fastlb.http.protocol import ClientConnection, Shared
 from fastlb.lb.backend import build_backends
 from fastlb.lb.router import Route, Router
+from fastlb.net.upstream_tls import link_servers
 from fastlb.obs import metrics
 from fastlb.obs.accesslog import AccessLog
 from fastlb.process import shm as shm_mod
@@ -32,10 +36,12 @@ class ListenerInfo:
 
     __slots__ = (
         "spec", "name", "proto", "port", "authority", "redirect_to_https", "https_port", "open",
-        "m_open", "m_total", "m_tls", "m_tls_errors",
+        "proxy_protocol", "passthrough", "front_timeout", "client_auth",
+        "m_open", "m_total", "m_tls", "m_tls_errors", "m_client_certs", "m_proxy_errors", "m_passthrough",
+        "m_passthrough_total",
     )
 
-    def __init__(self, spec, https_port: int | None):
+    def __init__(self, spec, https_port: int | None, cfg, backends):
         self.spec = spec
         self.name = str(spec.address)
         self.proto = b"https" if spec.tls else b"http"
@@ -44,6 +50,13 @@ class ListenerInfo:
         self.redirect_to_https = spec.redirect_to_https and not spec.tls
         self.https_port = b"" if https_port in (None, 443) else b":%d" % https_port
         self.open = 0             # connections open now
+        self.proxy_protocol = spec.proxy_protocol
+        # SNI (exact or "*.parent") -> Backend, for [[listeners.passthrough]]; None when there is none.
+        self.passthrough = {p.sni.lower(): backends[p.backend] for p in spec.passthrough} or None
+        # How long a connection may take before HTTP starts: the TLS handshake, or a PROXY header alone.
+        self.front_timeout = cfg.tls.handshake_timeout if spec.tls else cfg.limits.header_timeout
+        self.client_auth = spec.tls and cfg.tls.client_auth is not None
+        self.m_client_certs = self.m_proxy_errors = self.m_passthrough = self.m_passthrough_total = None
         self.m_open = self.m_total = 0
         self.m_tls_errors = None  # reason -> series index, for TLS listeners
         self.m_tls = None         # (version, cipher, resumed) -> series index, for TLS listeners
@@ -59,7 +72,7 @@ class ListenerInfo:
 
 class Worker:
     def __init__(self, cfg, slot: int, sockets, contexts, shm, master_pid: int, log: logging.Logger,
-                 layout, area):
+                 layout, area, policies=None, upstream=None):
         self.cfg = cfg
         self.slot = slot
         self.sockets = sockets          # [(ListenerSpec, socket)] for this slot
@@ -69,17 +82,23 @@ class Worker:
         self.log = log
         self.limits = cfg.limits
         self.backends = build_backends(cfg, shm.states)
+        # TLS and PROXY headers to servers: each server's ServerLink, over the master's contexts.
+        link_servers(self.backends, cfg, upstream or {})
         self.router = Router(cfg.routes, cfg.default_backend, self.backends)
         self.no_route = Route("-", None)   # what 404s are counted under
         https_port = next((s.address.port for s in cfg.listeners if s.tls), None)
-        self.listeners = [ListenerInfo(spec, https_port) for spec, _ in sockets]
+        self.listeners = [ListenerInfo(spec, https_port, cfg, self.backends) for spec, _ in sockets]
         self.area = area                # this worker's metrics area (float64 memoryview)
         self.m_bad = {}
         metrics.bind(layout, self)
-        # Weak references to TLS connections whose handshake has not completed: uvloop calls no
-        # protocol method when a handshake fails, it just drops the protocol; the reference's callback
-        # is how fastlb learns of it (see handshake_abandoned).
-        self.handshakes: dict[int, weakref.ref] = {}
+        if policies:
+            policy.attach(self, policies, layout)  # built by the master: see fastlb/policy
+        # Connections of TLS and PROXY listeners before HTTP starts (their deadline is checked on the
+        # tick), and passthrough connections (kept until graceful_timeout on drain, like tunnels).
+        self.fronts: set = set()
+        self.splices: set = set()
+        # ACME TLS-ALPN-01 (RFC 8737): whether a ClientHello offering acme-tls/1 is worth a look.
+        self.acme_alpn = False
         self.access_log = AccessLog(cfg.log.access, cfg.log.access_buffer) if cfg.log.access else None
         self.m_dropped = layout.find("fastlb_access_log_dropped_total")
         self._dropped_seen = 0
@@ -94,6 +113,12 @@ class Worker:
         # did not bring its own X-Request-ID.
         self.shared = Shared(cfg.limits, self.router, self.no_route, os.urandom(6).hex().encode(),
                              self.access_log)
+        # ACME: every worker answers the CA's checks from what the control process published.
+        self.acme_storage = None
+        if any(spec.acme for spec in cfg.tls.certificates):
+            self.acme_storage = Storage(cfg.acme)
+            self.shared.acme = Http01Responder(self.acme_storage.http01)
+            self.acme_alpn = cfg.acme.challenge == "tls-alpn-01"
         self._update_clock()
 
     # -- per-request helpers ----------------------------------------------------------------------
@@ -130,11 +155,12 @@ class Worker:
         asyncio.set_event_loop(loop)
         for index, (info, (_, sock)) in enumerate(zip(self.listeners, self.sockets, strict=True)):
             ctx = self.contexts.get(index)
-            server = loop.run_until_complete(loop.create_server(
-                lambda info=info: ClientConnection(self, info), sock=sock, ssl=ctx,
-                ssl_handshake_timeout=self.cfg.tls.handshake_timeout if ctx else None,
-                backlog=4096,
-            ))
+            if ctx is not None or info.proxy_protocol:
+                # fastlb's own TLS and PROXY layer (http/front_py.py), never uvloop's SSL.
+                factory = functools.partial(Front, self, info, ctx)
+            else:
+                factory = functools.partial(ClientConnection, self, info)
+            server = loop.run_until_complete(loop.create_server(factory, sock=sock, backlog=4096))
             self.servers.append(server)
         loop.add_signal_handler(signal.SIGTERM, self.drain)
         loop.add_signal_handler(signal.SIGINT, loop.stop)
@@ -148,6 +174,8 @@ class Worker:
         finally:
             for conn in list(self.connections):
                 conn.transport.abort()
+            for splice in list(self.splices):
+                splice.abort()
             if self.access_log is not None:
                 self.access_log.close()
         return 0
@@ -174,12 +202,10 @@ class Worker:
             self.shared.date = formatdate(now, usegmt=True).encode()
             self.shared.iso_time = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(now))
 
-    def handshake_abandoned(self, listener, started: float, ref) -> None:
-        """A TLS connection's protocol was dropped before its handshake completed: it failed."""
-        del self.handshakes[id(ref)]
-        elapsed = monotonic() - started
-        reason = "timeout" if elapsed >= self.cfg.tls.handshake_timeout - TICK else "refused"
-        self.area[listener.m_tls_errors[reason]] += 1
+    def tls_alpn_challenge(self, sni: str | None):
+        """The SSLContext answering the CA's TLS-ALPN-01 check for sni (RFC 8737), or None; the TLS
+        front layer asks when a ClientHello offers acme-tls/1."""
+        return challenge_context(self.acme_storage.tls_alpn01, sni)
 
     def reopen_logs(self) -> None:
         if self.access_log is not None:
@@ -211,6 +237,8 @@ class Worker:
             conn.on_deadline()
         for conn in [c for c in self.connections if c.send_deadline and c.send_deadline < now]:
             conn.abort()  # send_timeout: the client stopped reading what we send
+        for front in [f for f in self.fronts if f.deadline < now]:
+            front.timed_out()  # handshake_timeout, or header_timeout for a PROXY header
         for conn in [c for c in self.connections if c.active is not None]:
             conn.upstream_deadline(now)  # response_timeout
         self._publish_gauges()
@@ -228,7 +256,7 @@ class Worker:
                 ex = waiting.popleft()
                 if not ex.client.closed:
                     ex.respond_local(503)
-        if self.draining and (not self.connections or now > self._stop_at):
+        if self.draining and ((not self.connections and not self.splices) or now > self._stop_at):
             self.loop.stop()
             return
         self.loop.call_later(TICK, self._tick)

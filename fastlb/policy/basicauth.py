@@ -1,0 +1,78 @@
+"""HTTP Basic authentication (RFC 7617) against an htpasswd file of bcrypt hashes.
+
+bcrypt is slow on purpose (tens of milliseconds at the usual cost 10-12), and it runs in the worker's
+loop: a credential that verified is remembered (the exact Authorization value, in a bounded LRU) so a
+client that keeps sending it pays the hash once, not per request.  A wrong one is never remembered and
+pays the full hash each time, which is what makes guessing expensive; put a `rate_limit` on the route
+to keep guessing from costing the worker too.  The file is read at config load (and on every reload).
+"""
+
+import base64
+import binascii
+from collections import OrderedDict
+
+import bcrypt
+
+_CACHE = 1024
+# $2a$, $2b$, $2y$: the bcrypt variants htpasswd -B and the bcrypt library write.
+_BCRYPT = (b"$2a$", b"$2b$", b"$2y$")
+
+
+def read_htpasswd(path: str) -> dict:
+    """user -> bcrypt hash (bytes); ValueError with a one-line reason."""
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror}") from None
+    users = {}
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith(b"#"):
+            continue
+        user, colon, hashed = line.partition(b":")
+        if not colon or not user:
+            raise ValueError(f"{path}:{number}: expected user:hash")
+        if not hashed.startswith(_BCRYPT):
+            # MD5-crypt ($apr1$), SHA-1 ({SHA}) and crypt(3) are the other htpasswd formats; all of them
+            # are fast to brute-force, so only bcrypt (htpasswd -B) is accepted.
+            raise ValueError(f"{path}:{number}: user {user.decode('latin-1')!r} is not a bcrypt hash "
+                             "(create it with htpasswd -B)")
+        users[user] = hashed
+    if not users:
+        raise ValueError(f"{path}: no user")
+    return users
+
+
+class BasicAuth:
+    __slots__ = ("users", "realm", "challenge", "_ok")
+
+    def __init__(self, path: str, realm: str):
+        self.users = read_htpasswd(path)
+        self.realm = realm
+        # RFC 7617 §2: the challenge names the realm; §2.1: charset="UTF-8" says how user-ids are sent.
+        quoted = realm.replace("\\", "\\\\").replace('"', '\\"')
+        self.challenge = f'WWW-Authenticate: Basic realm="{quoted}", charset="UTF-8"\r\n'.encode()
+        self._ok: OrderedDict = OrderedDict()
+
+    def allowed(self, authorization) -> bool:
+        """authorization: the request's Authorization value (bytes) or None."""
+        if authorization is None:
+            return False
+        if authorization in self._ok:
+            self._ok.move_to_end(authorization)
+            return True
+        scheme, _, token = authorization.partition(b" ")
+        if scheme.lower() != b"basic":
+            return False
+        try:
+            user, colon, password = base64.b64decode(token.strip(), validate=True).partition(b":")
+        except (binascii.Error, ValueError):
+            return False
+        hashed = self.users.get(user)
+        if not colon or hashed is None or not bcrypt.checkpw(password, hashed):
+            return False
+        self._ok[authorization] = True
+        if len(self._ok) > _CACHE:
+            self._ok.popitem(last=False)
+        return True
