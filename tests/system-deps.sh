@@ -2,7 +2,8 @@
 # Installs the Debian packages the test suite runs (not imports): curl, openssl and slowhttptest for
 # the TLS and hardening tests, which fail without them; haproxy, the real PROXY protocol peer of
 # tests/test_proxy_header.py; pebble and pebble-challtestsrv (Let's
-# Encrypt's test CA and its DNS server) for the ACME tests; chromium for the status page browser test.
+# Encrypt's test CA and its DNS server) for the ACME tests; systemd for `systemd-analyze verify` of
+# deploy/systemd/fastlb.service (nothing is started); chromium for the status page browser test.
 # Idempotent: with everything present it only runs `command -v`.  As non-root it lists what is
 # missing and exits 1 if a required program is.
 #
@@ -17,6 +18,7 @@ needs=(
   "openssl openssl"
   "slowhttptest slowhttptest"
   "haproxy haproxy"
+  "systemd-analyze systemd"
   "pebble pebble"
   "pebble-challtestsrv pebble"
 )
