@@ -37,7 +37,8 @@ from fastlb import _core  # noqa: E402  (compiled: no Python coverage to instrum
 NAMES = [b"Host", b"Content-Length", b"Transfer-Encoding", b"Connection", b"Upgrade", b"Expect", b"Keep-Alive",
          b"Proxy-Connection", b"TE", b"Trailer", b"X-Forwarded-For", b"X-Forwarded-Proto", b"X-Forwarded-Port",
          b"X-Forwarded-Host", b"X-Request-ID", b"Content_Length", b"Transfer_Encoding", b"X_Forwarded_For",
-         b"Host_", b"X-Custom", b"Accept", b"HTTP2-Settings", b"Cookie"]
+         b"Host_", b"X-Custom", b"Accept", b"HTTP2-Settings", b"Cookie", b"X-Forwarded-Client-Cert",
+         b"X_Forwarded_Client_Cert"]
 VALUES = [b"chunked", b"CHUNKED", b" chunked ", b"\tchunked", b"gzip, chunked", b"chunked, gzip", b",chunked",
           b"identity", b"0", b"5", b"005", b"+5", b"-1", b"0x10", b"1 0", b"5, 5", b"99999999999999999999",
           b"999999999999999999", b"100-continue", b"100-Continue", b"foo", b"close", b"keep-alive",
