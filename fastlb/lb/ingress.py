@@ -6,10 +6,15 @@ and `tls.key`, the layout a mounted `kubernetes.io/tls` Secret has.  `pathType: 
 is treated as Prefix.  Nothing is ignored without a word:
 
 - a field fastlb does not implement is an error naming it;
-- an annotation in an ingress controller's namespace (`nginx.ingress.kubernetes.io/rewrite-target`,
-  `traefik.ingress.kubernetes.io/...`: any `*ingress.kubernetes.io/` key) is an error, because it
-  changes what a request gets (a rewrite, a redirect, an auth check) and serving the manifest without it
-  would send traffic where the manifest says it must not go;
+- the common ingress-nginx annotations become the route policies that do the same (on every route of
+  that Ingress): `rewrite-target` (a plain path, no `$1` capture) is `rewrite_prefix`,
+  `whitelist-source-range` / `allowlist-source-range` is `allow`, `denylist-source-range` is `deny`,
+  `limit-rps` / `limit-rpm` (with `limit-burst-multiplier`, default 5 as in ingress-nginx) is a
+  `rate_limit` by client address;
+- any other annotation in an ingress controller's namespace (`traefik.ingress.kubernetes.io/...`, the
+  rest of `nginx.ingress.kubernetes.io/`: any `*ingress.kubernetes.io/` key) is an error naming it,
+  because it changes what a request gets (a redirect, an auth check) and serving the manifest without
+  it would send traffic where the manifest says it must not go;
 - any other annotation (kubectl's `last-applied-configuration`, cert-manager's, external-dns's: the
   bookkeeping every real manifest carries) is logged as ignored, one warning each, since refusing them
   would refuse almost every manifest in use;
@@ -23,10 +28,11 @@ is treated as Prefix.  Nothing is ignored without a word:
 
 import dataclasses
 import difflib
+import ipaddress
 import logging
 import os
 
-from fastlb.config import BackendSpec, CertSpec, ConfigError, RouteSpec, ServerSpec
+from fastlb.config import BackendSpec, CertSpec, ConfigError, RateLimitSpec, RouteSpec, ServerSpec
 from fastlb.net import certs as certificates
 
 _PATH_TYPES = {"Exact": "exact", "Prefix": "prefix", "ImplementationSpecific": "prefix"}
@@ -34,6 +40,10 @@ _SPEC_FIELDS = {"rules", "defaultBackend", "tls", "ingressClassName"}
 # The annotation namespace ingress controllers configure request handling with (ingress-nginx, Traefik,
 # the AWS load balancer controller, ...): `<anything>ingress.kubernetes.io/<name>`.
 _CONTROLLER_ANNOTATION = "ingress.kubernetes.io"
+# ingress-nginx annotations fastlb maps to route policies (limit-burst-multiplier only with a limit).
+_NGINX = "nginx.ingress.kubernetes.io/"
+_MAPPED = {"rewrite-target", "whitelist-source-range", "allowlist-source-range", "denylist-source-range",
+           "limit-rps", "limit-rpm", "limit-burst-multiplier"}
 
 log = logging.getLogger("fastlb.ingress")
 
@@ -112,7 +122,7 @@ class _Reader:
             raise self.fail(".kind", "expected apiVersion networking.k8s.io/v1, kind Ingress")
         # The rest of metadata (name, namespace, labels, uid, managedFields, ...) names the object and
         # never changes how it routes.
-        self.annotations(self.table(doc.get("metadata") or {}, ".metadata", None))
+        policies = self.annotations(self.table(doc.get("metadata") or {}, ".metadata", None))
         spec = self.table(doc.get("spec") or {}, ".spec", _SPEC_FIELDS)
         ingress_class = spec.get("ingressClassName")
         if ingress_class not in (None, "fastlb"):
@@ -138,7 +148,8 @@ class _Reader:
                 if not isinstance(path, str) or not path.startswith("/"):
                     raise self.fail(f"{pkey}.path", "must start with /")
                 backend = self.backend(item.get("backend"), f"{pkey}.backend")
-                routes.append(RouteSpec(host=host, path=path, match=_PATH_TYPES[kind], backend=backend))
+                routes.append(RouteSpec(host=host, path=path, match=_PATH_TYPES[kind], backend=backend,
+                                        **policies))
         default = None
         if "defaultBackend" in spec:
             default = self.backend(spec["defaultBackend"], ".spec.defaultBackend")
@@ -178,14 +189,57 @@ class _Reader:
                 raise self.fail(f"{key}.hosts[{h}]", f"{name!r} is not a name of the secret's certificate "
                                 f"({', '.join(names) or 'no subjectAltName'}): that host would get another one")
 
-    def annotations(self, metadata: dict) -> None:
+    def annotations(self, metadata: dict) -> dict:
+        """The RouteSpec fields the Ingress's annotations set (see the module docstring)."""
         annotations = self.table(metadata.get("annotations") or {}, ".metadata.annotations", None)
-        for name in annotations:
+        policies: dict = {}
+        for name, value in annotations.items():
             key = f".metadata.annotations[{str(name)!r}]"
-            if str(name).partition("/")[0].endswith(_CONTROLLER_ANNOTATION):
+            short = str(name).removeprefix(_NGINX)
+            if str(name).startswith(_NGINX) and short in _MAPPED:
+                if not isinstance(value, str):
+                    raise self.fail(key, f"expected a string, got {type(value).__name__}")
+                self.policy(short, value.strip(), key, policies, annotations)
+            elif str(name).partition("/")[0].endswith(_CONTROLLER_ANNOTATION):
                 raise self.fail(key, "not implemented by fastlb: this annotation changes how requests are "
                                 "handled; remove it or express it in fastlb's config")
-            self.warn(key, "ignored: fastlb reads no annotations")
+            else:
+                self.warn(key, "ignored: fastlb reads no annotations")
+        limits = [n for n in ("limit-rps", "limit-rpm") if _NGINX + n in annotations]
+        if len(limits) > 1 or (not limits and _NGINX + "limit-burst-multiplier" in annotations):
+            raise self.fail(".metadata.annotations", "give one of limit-rps and limit-rpm "
+                            "(limit-burst-multiplier scales its burst)")
+        return policies
+
+    def policy(self, name: str, value: str, key: str, policies: dict, annotations: dict) -> None:
+        if name == "rewrite-target":
+            # ingress-nginx rewrites the whole matched path to this; with use-regex its `$1`, `$2` are the
+            # path regex's captures, which fastlb's prefix routes do not have.
+            if "$" in value:
+                raise self.fail(key, "capture groups ($1...) need regex paths, which fastlb does not do; "
+                                "use a plain path: the matched prefix is replaced by it")
+            if not value.startswith("/") or any(c in value for c in "?# \t"):
+                raise self.fail(key, f"{value!r} is not a plain URL path")
+            policies["rewrite_prefix"] = value
+        elif name in ("whitelist-source-range", "allowlist-source-range", "denylist-source-range"):
+            cidrs = []
+            for item in filter(None, (part.strip() for part in value.split(","))):
+                try:
+                    cidrs.append(str(ipaddress.ip_network(item, strict=False)))
+                except ValueError as e:
+                    raise self.fail(key, f"invalid CIDR {item!r}: {e}") from None
+            field = "deny" if name.startswith("deny") else "allow"
+            policies[field] = tuple(policies.get(field, ())) + tuple(cidrs)
+        elif name in ("limit-rps", "limit-rpm"):
+            if not value.isdigit() or int(value) == 0:
+                raise self.fail(key, f"expected a positive integer, got {value!r}")
+            multiplier = str(annotations.get(_NGINX + "limit-burst-multiplier", "5")).strip()
+            if not multiplier.isdigit() or int(multiplier) == 0:
+                raise self.fail(f".metadata.annotations['{_NGINX}limit-burst-multiplier']",
+                                f"expected a positive integer, got {multiplier!r}")
+            per_second = int(value) / (1 if name == "limit-rps" else 60)
+            policies["rate_limit"] = RateLimitSpec(
+                rate=per_second, burst=int(value) * int(multiplier), key="client_ip")
 
     def backend(self, value, key: str) -> str:
         value = self.table(value, key, {"service"})
