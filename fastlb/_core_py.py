@@ -7,7 +7,10 @@ as a list of ``(name, value)`` tuples in arrival order. This module decides whet
 forwarded at all (framing and field syntax, RFC 9112 §6 and RFC 9110 §5), summarises what the caller
 needs to know about it in an ``int`` of flag bits, and serialises the head the other side will receive
 (hop-by-hop fields removed, X-Forwarded-* set). The same for a backend's response, plus the hashing
-primitives of the Maglev balancer.
+primitives of the Maglev balancer, and the two parsers of what a connection may carry before TLS
+starts (issue 15): ``parse_client_hello`` (SNI and ALPN, for passthrough) and ``parse_proxy_header``
+(PROXY protocol v1/v2), with ``proxy_header_v1``/``proxy_header_v2`` to write one towards a backend.
+Both parsers are fed the bytes received so far and answer MORE until they can decide.
 
 ``fastlb/_core.pyx`` is the compiled twin. Both must return identical values and raise the same
 exception types for every input: tests/test_core.py checks it with hypothesis. When a rule changes here
