@@ -327,7 +327,7 @@ def test_ingress_nginx_annotations_become_route_policies(tmp_path):
 
 
 @pytest.mark.parametrize("annotation,message", [
-    ("nginx.ingress.kubernetes.io/rewrite-target: /$2", "capture groups ($1...) need regex paths"),
+    ("nginx.ingress.kubernetes.io/rewrite-target: /$2", "not implemented by fastlb: capture groups ($1...) need regex paths"),
     ("nginx.ingress.kubernetes.io/whitelist-source-range: 10.0.0.0/99", "invalid CIDR '10.0.0.0/99'"),
     ("nginx.ingress.kubernetes.io/limit-burst-multiplier: '2'", "give one of limit-rps and limit-rpm"),
     ("nginx.ingress.kubernetes.io/auth-type: basic",

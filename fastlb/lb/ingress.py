@@ -216,8 +216,8 @@ class _Reader:
             # ingress-nginx rewrites the whole matched path to this; with use-regex its `$1`, `$2` are the
             # path regex's captures, which fastlb's prefix routes do not have.
             if "$" in value:
-                raise self.fail(key, "capture groups ($1...) need regex paths, which fastlb does not do; "
-                                "use a plain path: the matched prefix is replaced by it")
+                raise self.fail(key, "not implemented by fastlb: capture groups ($1...) need regex paths; "
+                                "a plain path is supported (it replaces the matched prefix)")
             if not value.startswith("/") or any(c in value for c in "?# \t"):
                 raise self.fail(key, f"{value!r} is not a plain URL path")
             policies["rewrite_prefix"] = value
