@@ -7,6 +7,7 @@ itself accepts, checked below), truncated and mutated. Hand-built ClientHellos p
 HELLO_BAD. Every example runs on both twins; hypothesis then checks that they agree on any bytes.
 """
 
+import importlib
 import socket
 import ssl
 import subprocess
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 from tlsutil import client_hello, make_pems
 
 from fastlb import _core_py
+from fastlb import core as fastlb_core
 
 core = test_core.core
 compiled = test_core.compiled
@@ -108,6 +110,12 @@ def records(message, sizes, version=b"\x03\x01"):
         i += 1
     return out
 
+
+def test_fastlb_core_exports_the_selected_twin():
+    twin = importlib.import_module("fastlb._core" if fastlb_core.EXTENSION else "fastlb._core_py")
+    for name in ("parse_client_hello", "HELLO_MORE", "HELLO_OK", "HELLO_NOT_TLS", "HELLO_BAD", "HELLO_MAX"):
+        assert getattr(fastlb_core, name) is getattr(twin, name), name
+        assert name in fastlb_core.__all__ and name in _core_py.__all__, name
 
 def test_constants_are_the_twins(core):
     assert (core.HELLO_MORE, core.HELLO_OK, core.HELLO_NOT_TLS, core.HELLO_BAD) == (0, 1, 2, 3)

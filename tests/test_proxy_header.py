@@ -7,6 +7,7 @@ parsed, split at every byte, followed by application data and mutated. Every exa
 hypothesis then checks that they agree on any bytes.
 """
 
+import importlib
 import shutil
 import socket
 import struct
@@ -20,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastlb import _core_py
+from fastlb import core as fastlb_core
 
 core = test_core.core
 compiled = test_core.compiled
@@ -66,6 +68,13 @@ def with_crc(header):
 def test_crc32c_reference():
     assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value (RFC 3720 B.4 test vectors)
 
+
+def test_fastlb_core_exports_the_selected_twin():
+    twin = importlib.import_module("fastlb._core" if fastlb_core.EXTENSION else "fastlb._core_py")
+    for name in ("parse_proxy_header", "proxy_header_v1", "proxy_header_v2", "PROXY_MORE", "PROXY_OK",
+                 "PROXY_LOCAL", "PROXY_BAD", "PROXY_V1_MAX", "PP2_TYPE_CRC32C"):
+        assert getattr(fastlb_core, name) is getattr(twin, name), name
+        assert name in fastlb_core.__all__ and name in _core_py.__all__, name
 
 def test_constants(core):
     assert (core.PROXY_MORE, core.PROXY_OK, core.PROXY_LOCAL, core.PROXY_BAD) == (0, 1, 2, 3)
