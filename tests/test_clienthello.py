@@ -144,11 +144,13 @@ def test_bytes_after_the_hello_are_not_read(core):
 @pytest.mark.parametrize("sizes", [[1], [2], [3], [4], [5, 1], [7], [100], [1, 300, 2]])
 def test_hello_fragmented_over_records(core, real_hellos, sizes):
     # RFC 8446 §5.1: a handshake message may be fragmented over several records, its header included.
-    for name, wire, sni, alpn in real_hellos[:4]:
+    for name, wire, sni, alpn in real_hellos:
         fragmented = records(handshake_message(wire), sizes)
         assert core.parse_client_hello(fragmented) == (OK, sni, alpn), (name, sizes)
-        for cut in range(len(fragmented)):
-            assert core.parse_client_hello(fragmented[:cut])[0] == MORE, (name, sizes, cut)
+    # Every prefix of the smallest (each cut re-reads every record before it: quadratic in the records).
+    fragmented = records(handshake_message(real_hellos[2][1]), sizes)
+    for cut in range(len(fragmented)):
+        assert core.parse_client_hello(fragmented[:cut]) == (MORE, None, ()), (sizes, cut)
 
 
 def test_openssl_accepts_the_fragmented_hello(tmp_path):
