@@ -25,8 +25,8 @@ import os
 
 import josepy as jose
 import requests
+from acme import challenges, crypto_util, errors, messages
 from acme import client as acme_client
-from acme import crypto_util, errors, messages
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -127,9 +127,9 @@ def _order(net, spec, storage, names, published, log):
         if authzr.body.status == messages.STATUS_VALID:
             continue  # the CA still remembers a validation of this name for this account
         name = authzr.body.identifier.value
-        challb = next((c for c in authzr.body.challenges if c.chall.typ == spec.challenge), None)
+        challb = next((c for c in authzr.body.challenges if _type(c) == spec.challenge), None)
         if challb is None:
-            offered = ", ".join(c.chall.typ for c in authzr.body.challenges)
+            offered = ", ".join(_type(c) for c in authzr.body.challenges)
             raise OrderError("refused", f"{name}: the CA offers no {spec.challenge} challenge (only {offered})")
         token = challb.chall.jobj["token"] if spec.challenge == "tls-alpn-01" else challb.chall.encode("token")
         key_authorization = f"{token}.{jose.b64encode(net.key.thumbprint()).decode()}"
@@ -153,6 +153,12 @@ def _order(net, spec, storage, names, published, log):
     if problem:
         raise OrderError("refused", f"the CA issued a certificate that cannot be installed: {problem}")
     return pem_bundle(key, chain), leaf
+
+
+def _type(challb) -> str:
+    # The library models http-01 and dns-01; tls-alpn-01 arrives as an UnrecognizedChallenge.
+    chall = challb.chall
+    return str(chall.jobj.get("type")) if isinstance(chall, challenges.UnrecognizedChallenge) else chall.typ
 
 
 def _account_key(storage, directory_url: str):
