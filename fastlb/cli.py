@@ -109,9 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             cfg = load_config(args.config, {}, args.ingress)
             if any(spec.tls for spec in cfg.listeners):
+                from fastlb.acme import tls_to_check
                 from fastlb.net.tls import build_server_context
 
-                build_server_context(cfg.tls, cfg.source or "environment")
+                with tls_to_check(cfg) as tls:  # acme = true: checked with a stand-in certificate
+                    build_server_context(tls, cfg.source or "environment")
             from fastlb.net.upstream_tls import build_contexts
 
             build_contexts(cfg)  # [backends.NAME.tls]: CA bundles and client certificates

@@ -17,6 +17,7 @@ import socket
 import ssl
 import stat
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -565,3 +566,12 @@ def test_tls_alpn01_first_issuance(tmp_path, fastlb, pebbles):
     wait_until(lambda: issued(lb, tls_port, root, "www.app.test"), 20, "issued", lb)
     assert "tls-alpn-01 challenge published" in lb.output
     assert not list((tmp_path / "acme" / "challenges" / "tls-alpn-01").iterdir())
+
+
+def test_check_takes_a_managed_certificate_without_touching_storage(tmp_path):
+    config = write_config(tmp_path, free_port(), free_port(), "https://127.0.0.1:1/dir", "")
+    result = subprocess.run([sys.executable, "-m", "fastlb", "check", config], capture_output=True, text=True,
+                            env={k: v for k, v in os.environ.items() if not k.startswith("FASTLB_")
+                                 or k == "FASTLB_NO_EXTENSIONS"})
+    assert result.returncode == 0 and result.stdout.strip() == f"{config}: ok", result.stderr
+    assert not (tmp_path / "acme").exists()
