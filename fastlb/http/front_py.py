@@ -191,6 +191,7 @@ class Front:
         if status == _HELLO_OK:
             passthrough = self.listener.passthrough
             if sni is not None and passthrough is not None:
+                sni = sni.rstrip(".")  # an absolute name (RFC 1034 section 3.1) is the same host
                 backend = passthrough.get(sni)
                 if backend is None:
                     _, dot, parent = sni.partition(".")
