@@ -40,7 +40,7 @@ class Pebble:
     """pebble + pebble-challtestsrv; the directory's own HTTPS is a trustme CA's (directory_ca)."""
 
     def __init__(self, tmp, http_port: int, tls_port: int, validity: int = 3600, port: int | None = None,
-                 env: dict | None = None):
+                 env: dict | None = None, eab: dict | None = None):
         assert PEBBLE and CHALLTESTSRV, "pebble is missing: run tests/system-deps.sh"
         self.dir = tmp / f"pebble-{http_port}"
         self.dir.mkdir(exist_ok=True)
@@ -58,7 +58,8 @@ class Pebble:
             "listenAddress": f"127.0.0.1:{self.port}", "managementListenAddress": f"127.0.0.1:{self.management}",
             "certificate": str(self.dir / "cert.pem"), "privateKey": str(self.dir / "key.pem"),
             "httpPort": http_port, "tlsPort": tls_port, "ocspResponderURL": "",
-            "externalAccountBindingRequired": False, "certificateValidityPeriod": validity,
+            "externalAccountBindingRequired": bool(eab), "externalAccountMACKeys": eab or {},
+            "certificateValidityPeriod": validity,
         }}
         (self.dir / "pebble.json").write_text(json.dumps(config))
         # No random validation delay, no refused nonces, no reused authorizations: every order makes
@@ -122,7 +123,7 @@ def pebbles(tmp_path):
 
 
 def write_config(tmp, http_port, tls_port, directory, ca_file, *, names=("app.test", "www.app.test"),
-                 challenge="http-01", renew_before="10m", backend=None, workers=2) -> str:
+                 challenge="http-01", renew_before="10m", backend=None, workers=2, extra="") -> str:
     backend = backend or f"127.0.0.1:{free_port()}"
     names_toml = ", ".join(f'"{n}"' for n in names)
     text = f"""
@@ -141,6 +142,7 @@ storage = "{tmp / 'acme'}"
 email = "ops@example.com"
 challenge = "{challenge}"
 renew_before = "{renew_before}"
+{extra}
 [[tls.certificates]]
 acme = true
 names = [{names_toml}]
@@ -466,6 +468,19 @@ def test_another_node_holds_the_lock_and_its_certificate_is_picked_up(tmp_path, 
     for result in ("success", "failure", "rate_limited"):
         assert metric(lb, f'fastlb_acme_orders_total{{result="{result}"}}') == 0
     assert "order failed" not in lb.output
+
+
+def test_external_account_binding(tmp_path, fastlb, pebbles):
+    """A CA that requires EAB (RFC 8555 section 7.3.4), as ZeroSSL does: pebble refuses accounts
+    without it, so the certificate is proof the binding was sent and accepted."""
+    http_port, tls_port = free_port(), free_port()
+    hmac_key = base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode()
+    pebble = pebbles(http_port, tls_port, eab={"kid-1": hmac_key}).start()
+    config = write_config(tmp_path, http_port, tls_port, pebble.directory, pebble.ca_file, names=("app.test",),
+                          extra=f'eab_kid = "kid-1"\neab_hmac_key = "{hmac_key}"')
+    lb = start(fastlb, config, http_port)
+    root = pebble.root()
+    wait_until(lambda: issued(lb, tls_port, root), 20, "issued", lb)
 
 
 # -- TLS-ALPN-01: the challenge certificate over a real handshake ----------------------------------
