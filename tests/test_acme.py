@@ -470,17 +470,20 @@ def test_another_node_holds_the_lock_and_its_certificate_is_picked_up(tmp_path, 
     assert "order failed" not in lb.output
 
 
-def test_external_account_binding(tmp_path, fastlb, pebbles):
+def test_external_account_binding_and_short_lived_renewal_time(tmp_path, fastlb, pebbles):
     """A CA that requires EAB (RFC 8555 section 7.3.4), as ZeroSSL does: pebble refuses accounts
     without it, so the certificate is proof the binding was sent and accepted."""
     http_port, tls_port = free_port(), free_port()
     hmac_key = base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode()
     pebble = pebbles(http_port, tls_port, eab={"kid-1": hmac_key}).start()
     config = write_config(tmp_path, http_port, tls_port, pebble.directory, pebble.ca_file, names=("app.test",),
-                          extra=f'eab_kid = "kid-1"\neab_hmac_key = "{hmac_key}"')
+                          extra=f'eab_kid = "kid-1"\neab_hmac_key = "{hmac_key}"', renew_before="2h")
     lb = start(fastlb, config, http_port)
     root = pebble.root()
     wait_until(lambda: issued(lb, tls_port, root), 20, "issued", lb)
+    # renew_before (2 h) is longer than the certificate's life (1 h): renewal at half its life.
+    state = wait_until(lambda: acme_status(lb)["serving"] == "issued" and acme_status(lb), 10, "shown", lb)
+    assert state["next_try"] == pytest.approx(state["not_after"] - 1800, abs=2)
 
 
 # -- TLS-ALPN-01: the challenge certificate over a real handshake ----------------------------------

@@ -7,7 +7,8 @@ race each other.  For each managed certificate (a `[[tls.certificates]]` entry w
 on every step of its thread:
 
 1. Read storage: is there a certificate for these names that can be served (key matches, valid now,
-   covers every name)?  Its renewal is due at notAfter - `renew_before`; with none, at once.
+   covers every name)?  Its renewal is due at notAfter - `renew_before` (at half its life if
+   `renew_before` is longer than the life: short-lived certificates); with none, at once.
 2. If storage holds another certificate than the master loaded for this generation (issued here a
    moment ago, or by another node sharing the storage), ask the master to reload: the normal reload
    path rebuilds the TLS contexts, carries the session-ticket keys over and drains the old workers,
@@ -102,13 +103,14 @@ class Manager:
     # -- the thread ------------------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stopped:
+            now = time.time()
             try:
-                self.step(time.time())
+                self.step(now)
+                due = min((m.next_try for m in self.certificates), default=now + STORAGE_POLL)
             except Exception:  # noqa: BLE001 - a bug here must not silently end renewals
                 self.log.exception("acme: unexpected error; trying again in %gs", STORAGE_POLL)
-            now = time.time()
-            due = min((m.next_try for m in self.certificates), default=now + STORAGE_POLL)
-            self._wake.wait(min(max(due - now, 0.05), STORAGE_POLL))
+                due = now + STORAGE_POLL
+            self._wake.wait(min(max(due - time.time(), 0.05), STORAGE_POLL))
 
     def step(self, now: float) -> None:
         changed = []
@@ -131,7 +133,7 @@ class Manager:
     def _refresh(self, managed: Managed, now: float) -> None:
         found = self.storage.usable_certificate(managed.names, now)
         managed.not_after = certs.certificate_not_after(found[1]) if found else None
-        renew_at = managed.not_after - self.spec.renew_before if found else now
+        renew_at = self._renewal_time(found[1]) if found else now
         saved = self.storage.load_state(managed.name)
         managed.failures = int(saved.get("failures", 0))
         managed.last_error = str(saved.get("error", ""))
@@ -148,6 +150,15 @@ class Manager:
                 managed.state = "waiting"
             else:
                 managed.state = "valid" if found else "temporary"
+
+    def _renewal_time(self, leaf) -> float:
+        """notAfter - renew_before; at half the certificate's life when renew_before is at least as long
+        as the whole life (short-lived certificates), which would otherwise order again at once."""
+        not_before = leaf.not_valid_before_utc.timestamp()
+        not_after = certs.certificate_not_after(leaf)
+        if self.spec.renew_before < not_after - not_before:
+            return not_after - self.spec.renew_before
+        return not_before + (not_after - not_before) / 2
 
     def _obtain(self, managed: Managed, now: float) -> None:
         if not self.storage.lock(managed.name, now):
@@ -172,9 +183,8 @@ class Manager:
             self.storage.write(self.storage.certificate_path(managed.name), bundle)
             self.storage.save_state(managed.name, {"last_order": time.time()})
             self.count("success")
-            not_after = certs.certificate_not_after(leaf)
             self.log.info("acme: %s: certificate issued, valid until %s; renewal at %s", managed.name,
-                          _when(not_after), _when(not_after - self.spec.renew_before))
+                          _when(certs.certificate_not_after(leaf)), _when(self._renewal_time(leaf)))
         finally:
             managed.state = "starting"
             self.storage.unlock(managed.name)
