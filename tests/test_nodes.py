@@ -220,13 +220,34 @@ def test_watch_follows_the_certificates_too(tmp_path):
 
 # -- hashing across nodes ---------------------------------------------------------------------------------
 
+def test_maglev_table_does_not_depend_on_the_order_servers_are_listed():
+    """Maglev's build order decides contested slots (13 of 65,537 for four servers here): the servers
+    are taken in name order, so configs listing them differently (generated from Kubernetes endpoints,
+    say) still agree on every slot."""
+    from fastlb.config import Address, BackendSpec, ServerSpec
+    from fastlb.lb.backend import UP, Backend
+
+    specs = [ServerSpec(Address(f"10.0.0.{i}", 8080), weight) for i, weight in ((1, 3), (2, 1), (3, 2), (4, 1))]
+
+    def table(listed):
+        spec = BackendSpec(name="b", servers=tuple(listed), balance="hash")
+        balancer = Backend(spec, 0, bytearray([UP]) * len(listed)).balancer
+        return [balancer.servers[i].name for i in balancer.table]
+
+    assert table(specs) == table(specs[::-1]) == table(specs[1:] + specs[:1])
+
+
+
 def test_two_nodes_hash_every_key_to_the_same_server_also_after_one_goes_down(backends, fastlb, tmp_path):
-    """Maglev's table depends only on the config, so two nodes (their own masters, one of them on the
-    uncompiled twin) agree on every key, and still agree after a server goes down."""
+    """Maglev's table depends only on the servers and their weights, so two nodes (their own masters,
+    one of them on the uncompiled twin, their configs listing the servers in opposite orders) agree on
+    every key, and still agree after a server goes down."""
     servers = backends("s1", "s2", "s3", "s4")
-    cfg = tmp_path / "fastlb.toml"
-    names = ", ".join(f'"{s.address}"' for s in servers)
-    cfg.write_text(f"""
+
+    def config(name, listed):
+        path = tmp_path / name
+        names = ", ".join(f'"{s.address}"' for s in listed)
+        path.write_text(f"""
 [backends.b]
 servers = [{names}]
 balance = "hash"
@@ -239,8 +260,10 @@ rise = 1
 [[routes]]
 backend = "b"
 """)
-    one = fastlb(args=["--config", str(cfg)])
-    two = fastlb({"FASTLB_NO_EXTENSIONS": "1"}, args=["--config", str(cfg)])
+        return str(path)
+
+    one = fastlb(args=["--config", config("one.toml", servers)])
+    two = fastlb({"FASTLB_NO_EXTENSIONS": "1"}, args=["--config", config("two.toml", servers[::-1])])
     keys = [f"user-{i}" for i in range(120)]
 
     def mapping(lb):
@@ -260,7 +283,8 @@ backend = "b"
 
     servers[2].set_health(503)
     deadline = time.monotonic() + 10
-    while any(admin_status(lb)["backends"]["b"]["servers"][2]["up"] for lb in (one, two)):
+    while any(s["up"] for lb in (one, two) for s in admin_status(lb)["backends"]["b"]["servers"]
+              if s["address"] == servers[2].address):
         assert time.monotonic() < deadline, "s3 never went down"
         time.sleep(0.1)
     time.sleep(0.6)  # every worker reads the state byte on its 250 ms tick

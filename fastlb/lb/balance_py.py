@@ -181,7 +181,9 @@ class MaglevHash(SmoothRoundRobin):
     """Maglev consistent hashing (Eisenbud et al., NSDI 2016): O(1) lookups in a prime-sized table.
 
     The table depends only on the server names, configured weights and which servers are usable, so
-    every worker and every fastlb instance with the same server list maps a key to the same server;
+    every worker and every fastlb instance with the same servers maps a key to the same server (in
+    whatever order each config lists them: the servers are taken in name order, because the order of
+    the build decides which server gets a contested slot);
     it is built (in _core) when that set changes, not per pick.  A server going down moves only the
     keys it owned and coming back restores the old mapping exactly.  Slow start does not reshape the
     table (keys would move back and forth on every tick of the ramp): only the round robin used for
@@ -192,6 +194,7 @@ class MaglevHash(SmoothRoundRobin):
     __slots__ = ("size", "names", "tables", "table")
 
     def __init__(self, servers, size=MAGLEV_SIZE):
+        servers = sorted(servers, key=_server_name)
         self.size = size
         self.names = [s.name.encode() for s in servers]
         self.tables = {}
@@ -235,6 +238,10 @@ class MaglevHash(SmoothRoundRobin):
             server = servers[table[slot]]
             if server.active < server.cap and not (exclude and server in exclude):
                 return server
+
+
+def _server_name(server):
+    return server.name
 
 
 ALGORITHMS = {
