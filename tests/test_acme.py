@@ -593,3 +593,29 @@ def test_check_takes_a_managed_certificate_without_touching_storage(tmp_path):
                                  or k == "FASTLB_NO_EXTENSIONS"})
     assert result.returncode == 0 and result.stdout.strip() == f"{config}: ok", result.stderr
     assert not (tmp_path / "acme").exists()
+
+
+# -- storage: the lock ---------------------------------------------------------------------------------
+
+
+def test_storage_lock(tmp_path):
+    storage = Storage(AcmeSpec(storage=str(tmp_path / "acme")))
+    lock = tmp_path / "acme" / "certificates" / "a.test" / "lock"
+    now = time.time()
+    assert storage.lock("a.test", now)
+    assert stat.S_IMODE(lock.stat().st_mode) == 0o600
+    assert not storage.lock("a.test", now)  # held by this live process
+    storage.unlock("a.test")
+    assert not lock.exists()
+    # Another node's lock holds until it expires; unlock never removes someone else's.
+    lock.write_text(json.dumps({"host": "other-node", "pid": os.getpid(), "expires": now + 10}))
+    assert not storage.lock("a.test", now)
+    storage.unlock("a.test")
+    assert lock.exists()
+    assert storage.lock("a.test", now + 11)
+    assert json.loads(lock.read_text())["host"] == socket.gethostname()
+    # A lock of this host whose process is gone is broken at once.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "expires": now + 300}))
+    assert storage.lock("a.test", now)
