@@ -335,6 +335,21 @@ def test_sni_passthrough_splices_the_tls_stream_to_the_backend(fastlb, backends,
         assert status == 200 and records_for(backend, "/terminated")
         assert der == ssl.PEM_cert_to_DER_cert(open(pems.default[0]).read())
         assert [h for h in tls_backend.headers] == [(core.PROXY_OK, "127.0.0.1")] * 3
+        # A malformed ClientHello naming pass.example (its extensions' length one byte short) and an
+        # oversized one (a record longer than any ClientHello may be, RFC 8446 section 5.1) are never
+        # passed through: OpenSSL refuses them with an alert.
+        hello = bytearray(client_hello(context, "pass.example"))
+        at = 5 + 4 + 2 + 32  # record header, handshake header, legacy_version, random (RFC 8446 §4.1.2)
+        at += 1 + hello[at]  # legacy_session_id
+        at += 2 + int.from_bytes(hello[at:at + 2], "big")  # cipher_suites
+        at += 1 + hello[at]  # legacy_compression_methods: the extensions' length is next
+        length = int.from_bytes(hello[at:at + 2], "big")
+        hello[at:at + 2] = (length - 1).to_bytes(2, "big")
+        oversized = b"\x16\x03\x01\x48\x01" + b"\x01" + b"\x00" * 0x4800
+        for what, payload in (("malformed", bytes(hello)), ("oversized", oversized)):
+            reply, closed_after = raw_exchange(port, payload)
+            assert reply[:1] == b"\x15" and closed_after is not None, (what, reply[:16])
+        assert len(tls_backend.headers) == 3
 
         def counted(samples):
             return (total(samples, "fastlb_passthrough_connections_total", backend="secret") == 3
