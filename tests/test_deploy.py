@@ -11,6 +11,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tomllib
@@ -21,6 +22,8 @@ import pytest
 import trustme
 import yaml
 from conftest import free_port
+from cryptography import x509
+from test_nodes import MountedConfigMap
 
 ROOT = Path(__file__).parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -228,8 +231,9 @@ def test_dockerfile_is_multi_stage_slim_and_unprivileged():
 
 def test_dockerfile_entrypoint_runs_the_kubernetes_config_and_its_health_check_follows_the_drain(tmp_path):
     """ENTRYPOINT + CMD start fastlb on configmap.yaml's config (its mounts laid out under tmp_path,
-    ports moved to free ones); HEALTHCHECK passes; the pod's preStop starts the drain, and from then
-    on HEALTHCHECK fails (503) while the listeners still serve."""
+    ports moved to free ones); HEALTHCHECK passes; a renewed TLS Secret is served without a restart;
+    the pod's preStop starts the drain, and from then on HEALTHCHECK fails (503) while the listeners
+    still serve."""
     steps = dict(dockerfile())
     entrypoint, cmd = json.loads(steps["ENTRYPOINT"]), json.loads(steps["CMD"])
     assert entrypoint == ["fastlb"]
@@ -252,8 +256,28 @@ def test_dockerfile_entrypoint_runs_the_kubernetes_config_and_its_health_check_f
     local_config = mount / config_path.relative_to("/")
     local_config.parent.mkdir(parents=True)
     local_config.write_text(text)
+    # The TLS Secret, laid out as the kubelet mounts it, so that renewing it is a ..data swap.
     secret = cfg["tls"]["certificates"][0]
-    write_certificates(mount, [(secret["cert"].lstrip("/"), secret["key"].lstrip("/"))])
+    tls_mount = MountedConfigMap(mount / os.path.dirname(secret["cert"]).lstrip("/"))
+    ca = trustme.CA()
+
+    def renew(name):
+        issued = ca.issue_cert(name)
+        tls_mount.update({os.path.basename(secret["cert"]): issued.cert_chain_pems[0].bytes().decode(),
+                          os.path.basename(secret["key"]): issued.private_key_pem.bytes().decode()})
+
+    def served_name():
+        """The certificate the TLS listener serves, reached as the NLB would: PROXY header, then TLS."""
+        context = ssl.create_default_context(cafile=None, cadata=ca.cert_pem.bytes().decode())
+        context.check_hostname = False
+        with socket.create_connection(("127.0.0.1", https), timeout=5) as raw:
+            raw.sendall(b"PROXY TCP4 10.1.2.3 10.0.0.1 40000 443\r\n")
+            with context.wrap_socket(raw, server_hostname="site.example") as tls:
+                cert = x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
+        return cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.DNSName)
+
+    renew("one.example.com")
 
     pid_file = tmp_path / "fastlb.pid"
     env = {k: v for k, v in os.environ.items() if not k.startswith("FASTLB_") or k == "FASTLB_NO_EXTENSIONS"}
@@ -271,6 +295,12 @@ def test_dockerfile_entrypoint_runs_the_kubernetes_config_and_its_health_check_f
             line = proc.stderr.readline()
             assert line, "fastlb exited before it was ready"
         assert subprocess.run(health, timeout=10).returncode == 0
+        assert served_name() == ["one.example.com"]
+        renew("two.example.com")  # cert-manager renewed the Secret: [server] watch reloads
+        while "reloaded: generation 1" not in line:
+            line = proc.stderr.readline()
+            assert line and "reload failed" not in line, line
+        assert served_name() == ["two.example.com"]
 
         pre_stop = manifests()["Deployment"]["spec"]["template"]["spec"]["containers"][0]["lifecycle"]
         command = [str(pid_file) if c == cfg["server"]["pid_file"] else c for c in pre_stop["preStop"]["exec"]["command"]]
