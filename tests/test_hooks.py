@@ -30,6 +30,21 @@ def rewrite(req):
 def boom(req):
     raise RuntimeError("boom in a hook")
 
+def misuse(req):
+    case = req.headers.get("X-Case")
+    if case == "status":
+        return Response(99)
+    if case == "no-content-body":
+        return Response(204, b"a body")
+    if case == "backend":
+        req.backend = "nope"
+    if case == "framing":
+        req.set_header("Content-Length", "1")
+    if case == "value":
+        req.set_header("X-Ok", "a\\r\\nInjected: 1")
+    if case == "return":
+        return 200
+
 async def slow(req):
     await asyncio.sleep(5)
 
@@ -63,6 +78,11 @@ hook = "lbhooks:rewrite"
 path = "/boom"
 backend = "app"
 hook = "boom"
+
+[[routes]]
+path = "/misuse"
+backend = "app"
+hook = "misuse"
 
 [[routes]]
 path = "/slow"
@@ -130,6 +150,12 @@ def test_a_hook_that_raises_answers_500_with_the_request_id_and_is_counted(hooke
     assert sum("hook lbhooks:boom raised" in line for line in lb.lines) == 1
     assert set(lb.worker_pids()) == workers
     assert not any(r["target"] == "/boom" for r in app.records())
+
+    # Misusing the API is a hook error too: never a malformed message, never a framing change.
+    cases = ("status", "no-content-body", "backend", "framing", "value", "return")
+    assert [client.get("/misuse", {"X-Case": case}).status for case in cases] == [500] * len(cases)
+    assert metric(lb, "fastlb_hook_errors_total", hook="lbhooks:misuse") == len(cases)
+    assert client.get("/misuse").status == 200
 
     r = client.get("/resp-boom")  # on_response raising: 500 too, and the connection still serves
     assert r.status == 500

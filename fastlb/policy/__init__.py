@@ -232,6 +232,8 @@ class RoutePolicy:
         if not isinstance(status, int) or isinstance(status, bool) or not 200 <= status <= 599:
             raise ValueError(f"Response status must be an int from 200 to 599, not {status!r}")
         body = result.body.encode() if isinstance(result.body, str) else bytes(result.body)
+        if body and status in (204, 304):
+            raise ValueError(f"a {status} response has no body (RFC 9110 §15.3.5, §15.4.5)")
         fields = b"".join(b"%s: %s\r\n" % (field_name(k), field_value(v))
                           for k, v in (result.headers or {}).items())
         _answer(ex, status, fields, body)
