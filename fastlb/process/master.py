@@ -384,6 +384,11 @@ class Master:
             return False
         return True
 
+    def _serving_drain_delay(self) -> bool:
+        """Whether a graceful stop is still in drain_delay, where the listeners must go on serving: a
+        worker that dies then is respawned, or its slot's connections would wait unanswered."""
+        return self.stopping == "graceful" and self.drain_at is not None and time.monotonic() < self.drain_at
+
     def _drain_step(self, now: float) -> None:
         """Graceful stop after handle_term: the workers drain once drain_delay is over, the control
         processes once no worker is left."""
@@ -737,7 +742,7 @@ class Master:
             why = f"failed to boot: {self.shm.read(child.record)[2]}" if code == BOOT_ERROR else f"died with {how}"
             self.pending.failure = self.pending.failure or f"{child.kind} (slot {child.slot}) {why}"
             return
-        if self.stopping is not None or child.stopping:
+        if child.stopping or (self.stopping is not None and not self._serving_drain_delay()):
             return
         if code == BOOT_ERROR:
             reason = self.shm.read(child.record)[2]
@@ -756,7 +761,7 @@ class Master:
 
     def _run_pending_spawns(self, now: float) -> None:
         due = [p for p in self.pending_spawns if p[0] <= now]
-        if not due or self.stopping is not None:
+        if not due or (self.stopping is not None and not self._serving_drain_delay()):
             return
         self.pending_spawns = [p for p in self.pending_spawns if p[0] > now]
         for _, kind, slot, gen in due:
