@@ -310,8 +310,9 @@ class Front:
     def write(self, data) -> None:
         if self.sslobj is None:
             self.raw.write(data)
-        elif self.state == F_OPEN and data:
+        elif self.state == F_OPEN and data and not self.closing:
             # A memory BIO takes all of it: SSL_write only returns early on a socket that would block.
+            # After our close_notify OpenSSL refuses to write, and so does a closing transport.
             self.sslobj.write(data)
             self.raw.write(self.outgoing.read())
 
