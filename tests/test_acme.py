@@ -276,7 +276,8 @@ def test_every_worker_answers_http01_even_under_redirect(tmp_path, fastlb, pebbl
 
 def test_renewal_drops_no_request(tmp_path, fastlb, pebbles, backends):
     """A 60 s certificate renewed 55 s before its end: a new one every ~5 s, each installed by a
-    reload, while a client that trusts only pebble's root keeps making requests over new connections."""
+    reload, while a client that trusts only pebble's root keeps making requests over new connections;
+    a session ticket from before the renewal still resumes after it."""
     http_port, tls_port = free_port(), free_port()
     pebble = pebbles(http_port, tls_port, validity=60).start()
     (web,) = backends("web")
@@ -292,21 +293,27 @@ def test_renewal_drops_no_request(tmp_path, fastlb, pebbles, backends):
     ctx = ssl.create_default_context(cafile=root)
     serials, failures, done = {first.serial_number}, [], threading.Event()
 
+    def get(session=None):
+        with socket.create_connection(("127.0.0.1", tls_port), timeout=5) as raw:
+            with ctx.wrap_socket(raw, server_hostname="app.test", session=session) as tls:
+                leaf = x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
+                tls.sendall(b"GET / HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n")
+                response = b""
+                while chunk := tls.recv(65536):
+                    response += chunk
+                return response, leaf, tls.session, tls.session_reused
+
     def client():
         while not done.is_set():
             try:
-                with socket.create_connection(("127.0.0.1", tls_port), timeout=5) as raw:
-                    with ctx.wrap_socket(raw, server_hostname="app.test") as tls:
-                        leaf = x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
-                        serials.add(leaf.serial_number)
-                        tls.sendall(b"GET / HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n")
-                        response = b""
-                        while chunk := tls.recv(65536):
-                            response += chunk
+                response, leaf, _, _ = get()
+                serials.add(leaf.serial_number)
                 if not response.startswith(b"HTTP/1.1 200 "):
                     failures.append(response[:80])
             except (OSError, ssl.SSLError) as exc:
                 failures.append(repr(exc))
+
+    _, _, session, _ = get()  # a session ticket from before the renewal
 
     thread = threading.Thread(target=client)
     thread.start()
@@ -317,7 +324,10 @@ def test_renewal_drops_no_request(tmp_path, fastlb, pebbles, backends):
         thread.join()
     assert failures == [], lb.output
     assert "acme: app.test: renewing a certificate" in lb.output
-    assert metric(lb, 'fastlb_acme_orders_total{result="success"}') >= 1  # this generation's count
+    # The reload carried the session-ticket keys over: the old ticket still resumes.
+    response, _, _, resumed = get(session)
+    assert response.startswith(b"HTTP/1.1 200 ") and resumed
+    assert metric(lb, 'fastlb_acme_orders_total{result="success"}') >= 2  # kept by the master across reloads
 
 
 def test_ca_down_then_back(tmp_path, fastlb, pebbles):
