@@ -5,6 +5,7 @@ import re
 import tomllib
 from pathlib import Path
 
+import bcrypt
 import pytest
 
 from fastlb import config, reference
@@ -62,9 +63,18 @@ def test_license_is_the_apache_text_pyproject_names():
 
 
 @pytest.mark.parametrize("block", re.findall(r"```toml\n(.*?)```", README, re.S), ids=lambda b: b.split("\n")[0])
-def test_every_toml_example_in_the_readme_loads(block, tmp_path):
+def test_every_toml_example_in_the_readme_loads(block, tmp_path, monkeypatch):
     for name in re.findall(r'"([\w.-]+\.(?:pem|key))"', block):
         (tmp_path / name).write_text("certificate files are only opened by the loader\n")
+    for name in re.findall(r'"([\w.-]+\.htpasswd)"', block):  # read at load: a real bcrypt line
+        (tmp_path / name).write_bytes(b"alice:" + bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)) + b"\n")
+    # Hook modules are imported at load: the functions the block names, in a module of that name.
+    modules = {m: set() for m in re.findall(r'^module = "([\w]+)"', block, re.M)}
+    for module, function in re.findall(r'^hook = "(\w+):(\w+)"', block, re.M):
+        modules.setdefault(module, set()).add(function)
+    for module, functions in modules.items():
+        (tmp_path / f"{module}.py").write_text("".join(f"def {f}(req):\n    pass\n" for f in functions))
+    monkeypatch.syspath_prepend(str(tmp_path))
     path = tmp_path / "example.toml"
     path.write_text(block)
     config.load(str(path), {})

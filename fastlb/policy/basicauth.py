@@ -9,13 +9,14 @@ to keep guessing from costing the worker too.  The file is read at config load (
 
 import base64
 import binascii
+import re
 from collections import OrderedDict
 
 import bcrypt
 
 _CACHE = 1024
 # $2a$, $2b$, $2y$: the bcrypt variants htpasswd -B and the bcrypt library write.
-_BCRYPT = (b"$2a$", b"$2b$", b"$2y$")
+_BCRYPT = re.compile(rb"\$2[aby]\$[0-3][0-9]\$[./A-Za-z0-9]{53}")
 
 
 def read_htpasswd(path: str) -> dict:
@@ -33,7 +34,7 @@ def read_htpasswd(path: str) -> dict:
         user, colon, hashed = line.partition(b":")
         if not colon or not user:
             raise ValueError(f"{path}:{number}: expected user:hash")
-        if not hashed.startswith(_BCRYPT):
+        if not _BCRYPT.fullmatch(hashed):
             # MD5-crypt ($apr1$), SHA-1 ({SHA}) and crypt(3) are the other htpasswd formats; all of them
             # are fast to brute-force, so only bcrypt (htpasswd -B) is accepted.
             raise ValueError(f"{path}:{number}: user {user.decode('latin-1')!r} is not a bcrypt hash "
