@@ -131,7 +131,7 @@ def _order(net, spec, storage, names, published, log):
         if challb is None:
             offered = ", ".join(_type(c) for c in authzr.body.challenges)
             raise OrderError("refused", f"{name}: the CA offers no {spec.challenge} challenge (only {offered})")
-        token = challb.chall.jobj["token"] if spec.challenge == "tls-alpn-01" else challb.chall.encode("token")
+        token = _token(challb)
         key_authorization = f"{token}.{jose.b64encode(net.key.thumbprint()).decode()}"
         if spec.challenge == "http-01":
             published.append(storage.publish_http01(token, key_authorization))
@@ -156,9 +156,14 @@ def _order(net, spec, storage, names, published, log):
 
 
 def _type(challb) -> str:
-    # The library models http-01 and dns-01; tls-alpn-01 arrives as an UnrecognizedChallenge.
+    # acme 3 and later model http-01 and dns-01 only; tls-alpn-01 arrives as an UnrecognizedChallenge.
     chall = challb.chall
     return str(chall.jobj.get("type")) if isinstance(chall, challenges.UnrecognizedChallenge) else chall.typ
+
+
+def _token(challb) -> str:
+    chall = challb.chall
+    return str(chall.jobj["token"]) if isinstance(chall, challenges.UnrecognizedChallenge) else chall.encode("token")
 
 
 def _account_key(storage, directory_url: str):
