@@ -32,6 +32,7 @@ Two entry points per direction share one path:
   twin does the same with a C array of fields filled from either source.
 """
 
+import multiprocessing as _multiprocessing
 import re
 import socket as _socket
 from http import HTTPStatus
@@ -786,18 +787,10 @@ def hash64(data):
 RATE_WAYS = 8
 _TAT_BITS = 48
 _TAT_MASK = (1 << _TAT_BITS) - 1
-_RATE_LOCK = None
-
-
-def _rate_lock():
-    # The twin has no compare-and-swap: a POSIX semaphore serialises its read-modify-write instead.
-    # Made on first use, which is in the master (policy.build creates the tables), before the fork.
-    global _RATE_LOCK
-    if _RATE_LOCK is None:
-        import multiprocessing
-
-        _RATE_LOCK = multiprocessing.get_context("fork").Lock()
-    return _RATE_LOCK
+# The twin has no compare-and-swap: a POSIX semaphore serialises its read-modify-write instead.  Made
+# at import, so it exists in the master (which imports this module to build the tables) before the
+# fork, and every worker shares it.
+_RATE_LOCK = _multiprocessing.get_context("fork").Lock()
 
 
 def rate_take(table, key_hash, now_us, interval_us, burst_us):
@@ -819,7 +812,7 @@ def rate_take(table, key_hash, now_us, interval_us, burst_us):
     _check_int("burst_us", burst_us, 0, _TAT_MASK)
     base = key_hash & (size - RATE_WAYS)
     tag = (key_hash >> _TAT_BITS) or 1  # 0 marks an empty word
-    with _rate_lock():
+    with _RATE_LOCK:
         victim, oldest = base, None
         for i in range(base, base + RATE_WAYS):
             word = table[i]

@@ -3,6 +3,7 @@ limit across workers against the real clock; the shared bucket table; the Ingres
 
 import importlib
 import mmap
+import multiprocessing
 import os
 import random
 import threading
@@ -236,6 +237,27 @@ def test_rate_take_is_a_token_bucket_with_least_recently_seen_eviction(impl):
     assert take(table, 8 << 48, 29 * second, second, 1 * second) == second
     assert take(table, 7, 29 * second, second, 3 * second) == 0
     assert len(table) == impl.RATE_WAYS  # the memory never grows
+
+
+def _take_many(impl, table, n, conn):
+    conn.send(sum(impl.rate_take(table, 0x9E3779B97F4A7C15, 5_000_000, 1000, 10_000_000) == 0
+                  for _ in range(n)))
+
+
+@pytest.mark.parametrize("impl", _implementations())
+def test_rate_take_loses_no_update_between_processes(impl):
+    """Four processes take 5000 tokens each from one bucket of 10000 with the clock frozen: exactly
+    10000 are granted however the updates interleave; a lost update would grant more."""
+    table = _table(64)
+    ctx = multiprocessing.get_context("fork")
+    pipes = [ctx.Pipe(duplex=False) for _ in range(4)]
+    procs = [ctx.Process(target=_take_many, args=(impl, table, 5000, w)) for _, w in pipes]
+    for p in procs:
+        p.start()
+    granted = sum(r.recv() for r, _ in pipes)
+    for p in procs:
+        p.join()
+    assert granted == 10_000
 
 
 @pytest.mark.skipif(os.environ.get("FASTLB_NO_EXTENSIONS") == "1", reason="the compiled twin is not built")
