@@ -379,11 +379,13 @@ def test_reload_during_issuance(tmp_path, fastlb, pebbles):
     assert "Traceback" not in lb.output
 
 
-class RateLimitingCA:
-    """An ACME server that accepts accounts and answers every newOrder with RFC 8555 section 6.6's
-    rateLimited problem and a Retry-After, as Let's Encrypt does (pebble 2.4 cannot be told to)."""
+class ScriptedCA:
+    """An ACME server that accepts accounts and answers every newOrder with one error: by default RFC
+    8555 section 6.6's rateLimited problem and a Retry-After, as Let's Encrypt does (pebble 2.4 cannot
+    be told to)."""
 
-    def __init__(self, tmp, retry_after: int):
+    def __init__(self, tmp, retry_after: int, status: int = 429, problem: str = "rateLimited",
+                 detail: str = "too many new orders recently"):
         ca = trustme.CA()
         self.ca_file = str(tmp / "ratelimit-ca.pem")
         ca.cert_pem.write_to_path(self.ca_file)
@@ -420,9 +422,8 @@ class RateLimitingCA:
                                                              ("Location", f"https://127.0.0.1:{outer.port}/acct/1")])
                     return
                 outer.orders += 1
-                problem = json.dumps({"type": "urn:ietf:params:acme:error:rateLimited",
-                                      "detail": "too many new orders recently"}).encode()
-                self._send(429, problem, [("Content-Type", "application/problem+json"),
+                body = json.dumps({"type": f"urn:ietf:params:acme:error:{problem}", "detail": detail}).encode()
+                self._send(status, body, [("Content-Type", "application/problem+json"),
                                           ("Retry-After", str(retry_after))])
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -439,7 +440,7 @@ class RateLimitingCA:
 
 def test_rate_limit_retry_after_is_honoured_across_a_reload(tmp_path, fastlb):
     http_port, tls_port = free_port(), free_port()
-    ca = RateLimitingCA(tmp_path, retry_after=1234)
+    ca = ScriptedCA(tmp_path, retry_after=1234)
     try:
         config = write_config(tmp_path, http_port, tls_port, ca.directory, ca.ca_file, names=("app.test",))
         lb = start(fastlb, config, http_port)
@@ -455,6 +456,20 @@ def test_rate_limit_retry_after_is_honoured_across_a_reload(tmp_path, fastlb):
         assert after["next_try"] == pytest.approx(state["next_try"], abs=0.01)
         time.sleep(1)
         assert ca.orders == 1
+    finally:
+        ca.server.shutdown()
+
+
+def test_ca_server_error_is_retried_like_a_ca_that_is_down(tmp_path, fastlb):
+    http_port, tls_port = free_port(), free_port()
+    ca = ScriptedCA(tmp_path, retry_after=7, status=503, problem="serverInternal", detail="down for maintenance")
+    try:
+        config = write_config(tmp_path, http_port, tls_port, ca.directory, ca.ca_file, names=("app.test",))
+        lb = start(fastlb, config, http_port)
+        state = wait_until(lambda: acme_status(lb)["failures"] and acme_status(lb), 10, "failed", lb)
+        assert state["last_error"] == "unreachable: serverInternal: down for maintenance"
+        assert state["next_try"] - state["last_order"] == pytest.approx(7, abs=0.5)  # Retry-After, not 2 s
+        assert metric(lb, 'fastlb_acme_orders_total{result="failure"}') == 1
     finally:
         ca.server.shutdown()
 

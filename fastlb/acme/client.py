@@ -66,27 +66,30 @@ def order(spec, storage, names: tuple[str, ...], log) -> tuple[bytes, object]:
     """Obtain a certificate for names: (PEM bundle of key and chain, leaf).  Raises OrderError."""
     net = None
     published: list[str] = []
+    seen = {}
+
+    def remember(response, *args, **kwargs):
+        seen["last"] = response
+
+    def down() -> bool:
+        # A 5xx (RFC 8555 section 6.7 serverInternal, a maintenance 503, a proxy's 502) is the CA
+        # not working, retried like one that does not answer.
+        return getattr(seen.get("last"), "status_code", 0) >= 500
+
     try:
         key = _account_key(storage, spec.directory)
         net = acme_client.ClientNetwork(
             jose.JWKEC(key=key), alg=jose.ES256, verify_ssl=spec.directory_ca or True,
             user_agent=f"fastlb/{__version__}", timeout=NETWORK_TIMEOUT)
-        seen = {}
-
-        def remember(response, *args, **kwargs):
-            seen["last"] = response
-
         # The library raises the CA's problem document without its response; the hook keeps the
-        # latest response so a rate limit's Retry-After header can be honoured.
+        # latest response for its status and a rate limit's Retry-After header (section 6.6).
         net.session.hooks["response"].append(remember)
-        try:
-            return _order(net, spec, storage, names, published, log)
-        except messages.Error as exc:
-            retry = _retry_after(seen.get("last"))
-            kind = "rate_limited" if exc.code == "rateLimited" else "refused"
-            raise OrderError(kind, _problem(exc), retry) from None
+        return _order(net, spec, storage, names, published, log)
     except OrderError:
         raise
+    except messages.Error as exc:
+        kind = "rate_limited" if exc.code == "rateLimited" else "unreachable" if down() else "refused"
+        raise OrderError(kind, _problem(exc), _retry_after(seen.get("last"))) from None
     except requests.RequestException as exc:
         raise OrderError("unreachable", f"cannot reach the CA: {_one_line(exc)}") from None
     except errors.ValidationError as exc:
@@ -94,7 +97,9 @@ def order(spec, storage, names: tuple[str, ...], log) -> tuple[bytes, object]:
     except errors.TimeoutError:
         raise OrderError("refused", f"the order was not valid within {ORDER_TIMEOUT:g}s") from None
     except errors.Error as exc:
-        raise OrderError("refused", _one_line(exc)) from None
+        status = getattr(seen.get("last"), "status_code", 0)
+        detail = f"the CA answered {status}" if down() else _one_line(exc)
+        raise OrderError("unreachable" if down() else "refused", detail, _retry_after(seen.get("last"))) from None
     finally:
         for path in published:
             try:
