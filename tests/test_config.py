@@ -938,6 +938,8 @@ def test_every_env_key_is_read(confdir: Path, name: str) -> None:
         "FASTLB_TLS_CERT": "other.pem", "FASTLB_TLS_KEY": "other.key", "FASTLB_TLS_STRICT_SNI": "on",
         "FASTLB_TLS_CLIENT_AUTH_CA": "other.pem", "FASTLB_TLS_CLIENT_AUTH_MODE": "optional",
         "FASTLB_TLS_CLIENT_AUTH_CRL": "other.pem",
+        "FASTLB_ACME_DIRECTORY": "https://ca.test/dir", "FASTLB_ACME_DIRECTORY_CA": "other.pem",
+        "FASTLB_ACME_CHALLENGE": "tls-alpn-01",
     }
     base = {"FASTLB_BACKENDS": "127.0.0.1:1", "FASTLB_TLS_CERT": "site.pem", "FASTLB_TLS_KEY": "site.key"}
     if name.startswith("FASTLB_TLS_CLIENT_AUTH_") and name != "FASTLB_TLS_CLIENT_AUTH_CA":
