@@ -116,18 +116,21 @@ def test_term_answers_503_on_healthz_through_drain_delay_and_the_drain(backends,
     (b1,) = backends("b1")
     lb = fastlb({"FASTLB_BACKENDS": b1.address, "FASTLB_SERVER_DRAIN_DELAY": "1500ms"})
     assert healthz(lb) == 200
-    workers = [w["pid"] for w in admin_status(lb)["workers"]]
     slow = http.client.HTTPConnection("127.0.0.1", lb.port, timeout=10)
     slow.request("GET", "/sleep/2.5")  # in flight across the delay and into the drain
-    time.sleep(0.2)
+    deadline = time.monotonic() + 2
+    while not any(w["connections_open"] for w in admin_status(lb)["workers"]):  # the 250 ms tick
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    idle = [w["pid"] for w in admin_status(lb)["workers"] if not w["connections_open"]]
     lb.proc.send_signal(signal.SIGTERM)
     term = time.monotonic()
     lb.wait_for("serving for drain_delay")
     assert healthz(lb) == 503
     assert time.monotonic() - term < 0.5
     # A worker that dies in the delay is replaced: its socket's accept queue must still be served.
-    os.kill(workers[1], signal.SIGKILL)
-    lb.wait_for(f"worker {workers[1]} (slot 1) died with signal 9; respawning")
+    os.kill(idle[0], signal.SIGKILL)  # not the one with the slow request
+    assert "died with signal 9; respawning" in lb.wait_for(f"worker {idle[0]} (slot ")
     served = 0
     while time.monotonic() - term < 1.3:
         # New connections and requests are still served while the L4 balancer catches up.
