@@ -146,6 +146,7 @@ cdef class UpstreamConnection:
     cdef public double deadline, idle_since, sent_at
     cdef public ClientConnection tunnel, owner
     cdef public object tls_name
+    cdef public bint refused
 
     cdef void _to(self, int state) except *
     cpdef void attach(self, Exchange ex, bint reused) except *

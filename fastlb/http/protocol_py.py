@@ -913,7 +913,8 @@ class UpstreamConnection:
         self.reused = False
         self.sent_at = 0.0
         self.owner = None         # send_proxy: the ClientConnection this connection is private to
-        self.tls_name = None      # TLS: the upstream_tls.TlsName it was opened with (SNI, session)
+        self.tls_name = None      # TLS: the name it was opened with (SNI, verified; sessions by it)
+        self.refused = False      # TLS: the server ended it with an alert before it carried anything
 
     def _to(self, state) -> None:
         if _DEBUG:
@@ -1117,6 +1118,10 @@ class UpstreamConnection:
             return
         ex = self.ex
         if ex is None:
+            if (self.tls_name is not None and not self.reused and state == U_IDLE
+                    and self.server.link.refused(exc, self.worker.area, self.worker.log)):
+                # Refused (an alert) before _connected ran, on another loop iteration: it says "tls".
+                self.refused = True
             owner = self.owner
             if owner is not None:
                 if owner.private is self:
@@ -1127,7 +1132,11 @@ class UpstreamConnection:
                 idle.remove(self)
             return
         self.ex = None
-        if ex.state == X_SENT:
+        if ex.state == X_CONNECTING:
+            # Closed before _connected could use it (see there): nothing was sent.
+            refused = self.server.link.refused(exc, self.worker.area, self.worker.log)
+            ex.upstream_failed(self.server, "tls" if refused else "reset", False)
+        elif ex.state == X_SENT:
             link = self.server.link
             if (link is not None and not self.got_bytes and not self.reused
                     and link.refused(exc, self.worker.area, self.worker.log)):
@@ -1176,7 +1185,7 @@ class UpstreamConnection:
         if not self.reused and self.tls_name is not None:
             # The first response on a new TLS connection: its session, with the TLS 1.3 ticket that
             # came after the handshake, resumes the next connection (fastlb/net/upstream_tls.py, 3).
-            self.tls_name.session = self.transport.get_extra_info("ssl_object").session
+            self.server.link.save_session(self.tls_name, self.transport)
         if (self.keep and not dirty and client.incoming is not ex
                 and not ex.flags & _F_AMBIGUOUS and self.state != U_TUNNEL):
             self._to(U_IDLE)
@@ -1278,7 +1287,12 @@ def _connected(conn, ex, timer, task) -> None:
         # Writing to it would raise and leave the exchange to response_timeout (issue 14's flake).
         # Nothing was sent, so any method may go to the next server.
         if ex.state == X_CONNECTING and ex.server is server:
-            ex.upstream_failed(server, "reset", False)
+            if conn.tls_name is not None and conn.state != U_CLOSED:
+                # Its connection_lost has yet to run, and only it learns why (a TLS alert, say, when
+                # the server refused our certificate): it decides.
+                conn.ex = ex
+            else:
+                ex.upstream_failed(server, "tls" if conn.refused else "reset", False)
         return
     if conn.tls_name is not None:
         server.link.connected(conn.transport, conn.worker.area)

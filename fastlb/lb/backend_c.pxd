@@ -32,6 +32,7 @@ cdef class Server:
     cdef public Py_ssize_t m_upstream
     cdef public Py_ssize_t m_active
     cdef public dict m_errors
+    cdef public object link
 
     cpdef bint failed(self, str kind, double now)
     cpdef object tick(self, double now)

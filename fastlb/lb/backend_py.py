@@ -31,7 +31,7 @@ class Server:
     __slots__ = (
         "backend", "gid", "name", "host", "port", "weight", "base_weight", "states", "ejected",
         "ejected_until", "ejections", "fails", "recovering_since", "was_up", "usable", "active", "cap",
-        "idle", "m_upstream", "m_active", "m_errors",
+        "idle", "m_upstream", "m_active", "m_errors", "link",
     )
 
     def __init__(self, backend, gid, spec, states):
@@ -55,6 +55,9 @@ class Server:
         self.idle = []                # idle keep-alive UpstreamConnections, used LIFO (warmest first)
         self.m_upstream = self.m_active = 0
         self.m_errors = {}
+        # How a connection to it is opened beyond plain TCP (TLS, PROXY header), or None:
+        # fastlb/net/upstream_tls.py ServerLink, set by the worker.
+        self.link = None
 
     @property
     def up(self):

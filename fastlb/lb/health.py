@@ -3,19 +3,29 @@
 Each checked server has its own task: probe, then sleep `interval`.  A server goes down after `fall`
 consecutive failures and up after `rise` consecutive successes; the verdict is one byte in shared
 memory that every worker reads when it picks a server, and each change is logged once with its reason.
+
+A backend with `[backends.NAME.tls]` is checked over TLS with the context and server name its requests
+use (fastlb/net/upstream_tls.py), so a certificate that fails verification takes the server down and
+/status says why (`tls: certificate has expired`).  With `send_proxy` a check starts with a PROXY header
+carrying the check connection's own addresses, as HAProxy's `check-send-proxy` does: a server that
+requires the header would refuse a check without one.
 """
 
 import asyncio
 import logging
+import ssl
 import time
 
+from fastlb import core
 from fastlb.lb.backend import DOWN, UP
+from fastlb.net import upstream_tls
 
 
 class ServerCheck:
-    __slots__ = ("backend", "name", "gid", "spec", "host", "port", "up", "streak", "last", "checked_at")
+    __slots__ = ("backend", "name", "gid", "spec", "host", "port", "up", "streak", "last", "checked_at",
+                 "context", "server_name", "proxy")
 
-    def __init__(self, backend: str, server, gid: int, spec):
+    def __init__(self, backend: str, server, gid: int, spec, context=None, server_name=None, proxy=""):
         self.backend = backend
         self.name = str(server.address)
         self.gid = gid
@@ -26,18 +36,29 @@ class ServerCheck:
         self.streak = 0       # consecutive results contradicting the current state
         self.last = "not checked yet"
         self.checked_at = 0.0
+        self.context = context            # UpstreamContext: check over TLS
+        self.server_name = server_name    # SNI and the name verified
+        self.proxy = proxy                # "", "v1" or "v2": send a PROXY header first
 
 
 class HealthChecker:
-    def __init__(self, cfg, states, log):
+    def __init__(self, cfg, states, log, upstream=None):
         self.states = states
         self.log = log
         self.checks: list[ServerCheck] = []
         gid = 0
         for name, backend in cfg.backends.items():
+            first = gid
             for server in backend.servers:
                 if backend.health is not None:
-                    check = ServerCheck(name, server, gid, backend.health)
+                    per_server = (upstream or {}).get(name)
+                    context = per_server[gid - first] if per_server else None
+                    tls = backend.tls
+                    server_name = None
+                    if context is not None:
+                        server_name = server.server_name or tls.server_name or server.address.host
+                    check = ServerCheck(name, server, gid, backend.health, context, server_name,
+                                        backend.send_proxy)
                     check.up = states[gid] == UP
                     self.checks.append(check)
                 gid += 1
@@ -53,6 +74,8 @@ class HealthChecker:
                 ok, result = await asyncio.wait_for(self._probe(check), spec.timeout)
             except TimeoutError:
                 ok, result = False, "timeout"
+            except ssl.SSLError as exc:
+                ok, result = False, "tls: " + upstream_tls.failure(exc)[1]
             except OSError as exc:
                 ok, result = False, _os_reason(exc)
             check.last = result
@@ -75,7 +98,17 @@ class HealthChecker:
                      check.backend, check.name, "UP" if ok else "DOWN", result)
 
     async def _probe(self, check: ServerCheck) -> tuple[bool, str]:
-        reader, writer = await asyncio.open_connection(check.host, check.port)
+        if check.proxy:
+            reader, writer = await asyncio.open_connection(check.host, check.port)
+            src = writer.get_extra_info("sockname")
+            dst = writer.get_extra_info("peername")
+            build = core.proxy_header_v2 if check.proxy == "v2" else core.proxy_header_v1
+            writer.write(build(src[0], src[1], dst[0], dst[1]))
+            if check.context is not None:
+                await writer.start_tls(check.context, server_hostname=check.server_name)
+        else:
+            reader, writer = await asyncio.open_connection(check.host, check.port, ssl=check.context,
+                                                           server_hostname=check.server_name)
         try:
             spec = check.spec
             if spec.type == "tcp":

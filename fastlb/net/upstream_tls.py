@@ -1,0 +1,299 @@
+"""How a connection to a backend server is opened when it is more than plain TCP: TLS (verified, with
+a client certificate for mTLS, sessions resumed) and the PROXY protocol header.
+
+Theory of operation
+-------------------
+1. The master calls `build_contexts(cfg)` once per config generation, before forking, like the
+   listeners' contexts (fastlb/net/tls.py): a broken CA bundle or client certificate refuses the config
+   or the reload with a one-line `ConfigError` naming the key, the client key is read while the master
+   can still read it (workers may run as another user), and a reload reads the files again. One
+   `UpstreamContext` per server of a backend with `[backends.NAME.tls]` (step 3 says why per server);
+   `verify = false` is logged at start.
+2. Each worker gives every server of such a backend (or of one with `send_proxy`) a `ServerLink`
+   (`link_servers`): its context, the name sent as SNI and verified (RFC 6066 section 3, RFC 6125), the
+   PROXY protocol version, and the metrics indices. `Server.link` is None for plain servers, so the data
+   path (fastlb/http/protocol_py.py `connect`) pays one `is None` test for them.
+3. Session resumption. uvloop's `create_connection(ssl=...)` and `start_tls` call
+   `context.wrap_bio(incoming, outgoing, server_side=..., server_hostname=...)` themselves
+   (uvloop/sslproto.pyx `_start_handshake`) and have no `session=` parameter; `UpstreamContext.wrap_bio`
+   supplies it from the context's last session under that server name. All that reaches `wrap_bio` is
+   the name (uvloop types it as an exact `str`, so it cannot carry more), and servers of one backend
+   often share one name: hence one context per server, so that each server is offered its own
+   session (CPython also refuses a session from another `SSL_CTX`). To keep that cheap, the system
+   trust store is the hashed directory (`capath`, certificates read when a chain needs them: 18 KiB
+   per context) rather than the bundle file (850 KiB per context, parsed up front). The session is
+   taken when a new connection's first response is complete (`UpstreamConnection._complete`): a TLS
+   1.3 ticket (RFC 8446 section 4.6.1) arrives after the handshake, so the session right after it is
+   not resumable yet.
+4. A failed handshake is a connect failure of kind `tls` (the next server is tried, then 502):
+   `failure` names why, from `SSLCertVerificationError.verify_code` (expired, wrong name, unknown CA)
+   or from the alert the server sent, counts it per backend and logs it, at most once a second per
+   server.
+5. PROXY protocol (`send_proxy`): the header is the first bytes on the connection, before the TLS
+   ClientHello, so such a connection is opened raw, the header written, then `loop.start_tls` runs
+   the handshake. It carries one client's address, so it is private to that client connection and
+   never pooled for anyone else (see `ClientConnection.private` in protocol_py.py).
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import time
+
+from fastlb import core
+from fastlb.net import certs
+
+__all__ = [
+    "TLS_FAILURES", "ServerLink", "UpstreamContext", "build_contexts", "failure", "link_servers", "unverified",
+]
+
+_MIN_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+# fastlb_upstream_tls_errors_total{reason}: what failed, as an operator acts on it.
+TLS_FAILURES = (
+    "expired", "not_yet_valid", "wrong_name", "unknown_ca", "bad_certificate", "client_certificate",
+    "handshake",
+)
+# X509_V_ERR_* codes (openssl/x509_vfy.h) behind SSLCertVerificationError.verify_code.
+_VERIFY_REASONS = {
+    10: "expired",          # X509_V_ERR_CERT_HAS_EXPIRED
+    9: "not_yet_valid",     # X509_V_ERR_CERT_NOT_YET_VALID
+    62: "wrong_name",       # X509_V_ERR_HOSTNAME_MISMATCH
+    64: "wrong_name",       # X509_V_ERR_IP_ADDRESS_MISMATCH
+    2: "unknown_ca",        # X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT
+    18: "unknown_ca",       # X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT
+    19: "unknown_ca",       # X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN
+    20: "unknown_ca",       # X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY
+    21: "unknown_ca",       # X509_V_ERR_UNABLE_TO_VERIFY_LEAF_SIGNATURE
+}
+# Alerts a server sends when it refuses our client certificate, or wanted one (RFC 8446 section 6.2):
+# OpenSSL names them in SSLError.reason as e.g. TLSV13_ALERT_CERTIFICATE_REQUIRED.
+_CLIENT_CERT_ALERTS = (
+    "ALERT_CERTIFICATE_REQUIRED", "ALERT_BAD_CERTIFICATE", "ALERT_UNKNOWN_CA", "ALERT_CERTIFICATE_UNKNOWN",
+    "ALERT_CERTIFICATE_EXPIRED", "ALERT_CERTIFICATE_REVOKED", "ALERT_UNSUPPORTED_CERTIFICATE",
+    "ALERT_ACCESS_DENIED",
+)
+# Names (and their sessions) kept per server with sni_from_host: one per Host seen, bounded.
+_MAX_NAMES = 1024
+_LOG_EVERY = 1.0
+
+
+def _config_error(source: str, key: str, reason: str) -> Exception:
+    from fastlb.config import ConfigError  # config imports nothing of ours; keep it that way
+
+    return ConfigError(source, key, reason)
+
+
+class UpstreamContext(ssl.SSLContext):
+    """One server's client context; its `wrap_bio` resumes the last session under the name asked for."""
+
+    def __init__(self, protocol):
+        super().__init__()
+        self.sessions: dict[str, ssl.SSLSession] = {}
+
+    def wrap_bio(self, incoming, outgoing, server_side=False, server_hostname=None, session=None):
+        if session is None:
+            session = self.sessions.get(server_hostname)
+        return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+
+
+def build_contexts(cfg) -> dict[str, tuple[UpstreamContext, ...]]:
+    """{backend: one client context per server} for the backends with TLS on; raises ConfigError
+    naming the first bad key."""
+    source = cfg.source or "environment"
+    contexts = {}
+    for name, spec in cfg.backends.items():
+        tls = spec.tls
+        if tls is None or not tls.enabled:
+            continue
+        contexts[name] = tuple(_context(tls, f"backends.{name}.tls", source) for _ in spec.servers)
+    return contexts
+
+
+def unverified(cfg) -> list[str]:
+    """Backends whose servers' certificates are not verified (`verify = false`), for the start-up log."""
+    return [name for name, spec in cfg.backends.items() if spec.tls and spec.tls.enabled and not spec.tls.verify]
+
+
+def _context(tls, key: str, source: str) -> UpstreamContext:
+    context = UpstreamContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = _MIN_VERSIONS[tls.min_version]
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    if tls.verify:
+        # PROTOCOL_TLS_CLIENT starts with CERT_REQUIRED and check_hostname on.
+        try:
+            if tls.ca:
+                context.load_verify_locations(cafile=tls.ca)
+            else:
+                _load_system_store(context)
+        except (ssl.SSLError, OSError) as exc:
+            raise _config_error(source, f"{key}.ca", f"not a PEM CA bundle: {tls.ca} ({_one_line(exc)})") from None
+    else:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if tls.cert:
+        _load_client_certificate(context, tls, key, source)
+    if tls.alpn:
+        context.set_alpn_protocols(list(tls.alpn))
+    return context
+
+
+def _load_system_store(context: ssl.SSLContext) -> None:
+    # The hashed directory, read lazily, when there is one (module docstring, step 3); SSL_CERT_DIR and
+    # SSL_CERT_FILE are honoured as OpenSSL's own defaults honour them.
+    paths = ssl.get_default_verify_paths()
+    if paths.capath and os.path.isdir(paths.capath) and any(
+            name.endswith(".0") for name in os.listdir(paths.capath)):
+        context.load_verify_locations(capath=paths.capath)
+    else:
+        context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+
+
+def _load_client_certificate(context: ssl.SSLContext, tls, key: str, source: str) -> None:
+    try:
+        leaf = certs.load_certificate_chain(tls.cert)[0]
+    except certs.CertificateFileError as exc:
+        raise _config_error(source, f"{key}.cert", str(exc)) from None
+    problem = certs.validity_problem(leaf)
+    if problem:
+        raise _config_error(source, f"{key}.cert", f"{problem}: {tls.cert}")
+    try:
+        context.load_cert_chain(tls.cert, tls.key)
+    except (ssl.SSLError, OSError) as exc:
+        raise _config_error(
+            source, f"{key}.key", f"cannot use {tls.key} with {tls.cert}: {_one_line(exc)}"
+        ) from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per server, in the workers
+
+
+class ServerLink:
+    """What opening a connection to one server takes beyond TCP (module docstring, step 2)."""
+
+    __slots__ = (
+        "backend", "server", "context", "name", "names", "sni_from_host", "proxy", "m_handshakes",
+        "m_errors", "logged_at",
+    )
+
+    def __init__(self, backend: str, server, context, name: str, sni_from_host: bool, proxy: int):
+        self.backend = backend
+        self.server = server              # the data path's Server
+        self.context = context            # UpstreamContext, or None: plain TCP (send_proxy only)
+        self.name = name
+        self.names: dict[str, str] = {}
+        self.sni_from_host = sni_from_host
+        self.proxy = proxy                # 0, or the PROXY protocol version sent first
+        self.m_handshakes = (0, 0)        # series of fastlb_upstream_tls_handshakes_total: full, resumed
+        self.m_errors: dict[str, int] = {}
+        self.logged_at = 0.0
+
+    def name_for(self, host) -> str:
+        """The TLS name of a connection for a request with this Host (bytes, or None)."""
+        if not self.sni_from_host or not host:
+            return self.name
+        text = host.decode("ascii", "replace").lower()
+        # Host is uri-host[:port] (RFC 9110 section 7.2), checked by the router; SNI has no port and no
+        # trailing dot (RFC 6066 section 3), and an IPv6 literal loses its brackets.
+        if text.startswith("["):
+            text = text[1:text.find("]")]
+        else:
+            text = text.rsplit(":", 1)[0].rstrip(".")
+        name = self.names.get(text)
+        if name is None:
+            if len(self.names) >= _MAX_NAMES:
+                self.names.clear()
+            name = self.names[text] = text
+        return name
+
+    def proxy_header(self, client_transport) -> bytes:
+        """The PROXY header for a connection made for this client: its address and the listener's, as
+        the client connection's transport reports them (the PROXY-protocol address when it came
+        through one, see fastlb/http/front_py.py)."""
+        src = client_transport.get_extra_info("peername")
+        dst = client_transport.get_extra_info("sockname")
+        build = core.proxy_header_v2 if self.proxy == 2 else core.proxy_header_v1
+        return build(src[0], src[1], dst[0], dst[1])
+
+    async def open(self, loop, conn, name: str, header: bytes | None) -> None:
+        """Connect conn to the server: PROXY header first if any, then TLS if any (see `connect`)."""
+        server = self.server
+        context = self.context
+        if header is None:
+            await loop.create_connection(lambda: conn, server.host, server.port, ssl=context,
+                                         server_hostname=name)
+            return
+        raw, _ = await loop.create_connection(lambda: conn, server.host, server.port)
+        raw.write(header)
+        if context is not None:
+            # The header must precede the ClientHello: TLS starts on the raw connection, after it.
+            conn.transport = await loop.start_tls(raw, conn, context, server_hostname=name)
+
+    def save_session(self, name: str, transport) -> None:
+        """Keep the session of a connection whose first response is complete, for the next one."""
+        sessions = self.context.sessions
+        if len(sessions) >= _MAX_NAMES:
+            sessions.clear()
+        sessions[name] = transport.get_extra_info("ssl_object").session
+
+    def connected(self, transport, area) -> None:
+        """A TLS connection is up: count its handshake, full or resumed."""
+        tls = transport.get_extra_info("ssl_object")
+        area[self.m_handshakes[1 if tls.session_reused else 0]] += 1
+
+    def failed(self, exc: BaseException, area, log) -> str:
+        """A connection attempt raised exc: the passive-failure kind ("tls" or "connect"); a TLS
+        failure is counted by reason and logged with OpenSSL's words."""
+        if self.context is None or not isinstance(exc, ssl.SSLError):
+            return "connect"
+        reason, message = failure(exc)
+        area[self.m_errors[reason]] += 1
+        now = time.monotonic()
+        if now - self.logged_at >= _LOG_EVERY:
+            self.logged_at = now
+            log.warning("%s/%s: TLS to the server failed (%s): %s", self.backend, self.server.name,
+                        reason, message)
+        return "tls"
+
+
+    def refused(self, exc, area, log) -> bool:
+        """A new TLS connection was lost before any response byte: True (counted and logged as a
+        failed handshake) if it was the TLS layer that ended it, i.e. an alert from the server."""
+        if self.context is None or not isinstance(exc, ssl.SSLError):
+            return False
+        self.failed(exc, area, log)
+        return True
+
+
+def failure(exc: ssl.SSLError) -> tuple[str, str]:
+    """(reason, message) of a failed TLS handshake to a server: one of TLS_FAILURES, and OpenSSL's
+    words for it (SSLCertVerificationError.verify_message: "certificate has expired", "Hostname
+    mismatch, certificate is not valid for 'x'.", "unable to get local issuer certificate"...)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return _VERIFY_REASONS.get(exc.verify_code, "bad_certificate"), exc.verify_message or str(exc)
+    what = exc.reason or ""
+    if any(alert in what for alert in _CLIENT_CERT_ALERTS):
+        return "client_certificate", f"the server refused the client certificate ({what})"
+    return "handshake", what or _one_line(exc)
+
+
+def link_servers(backends, cfg, contexts) -> None:
+    """Give each server of a TLS or send_proxy backend its ServerLink (`Server.link`)."""
+    for name, backend in backends.items():
+        spec = cfg.backends[name]
+        per_server = contexts.get(name) or (None,) * len(spec.servers)
+        proxy = {"v1": 1, "v2": 2}.get(spec.send_proxy, 0)
+        if per_server[0] is None and not proxy:
+            continue
+        tls = spec.tls
+        for server, server_spec, context in zip(backend.servers, spec.servers, per_server, strict=True):
+            own = server_spec.server_name
+            default = own or (tls.server_name if tls is not None else None) or server.host
+            sni_from_host = context is not None and tls.sni_from_host and own is None
+            server.link = ServerLink(name, server, context, default, sni_from_host, proxy)
