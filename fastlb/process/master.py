@@ -564,6 +564,9 @@ class Master:
         files = input_files(self.cfg, self.ingress_files) if self.cfg.server.watch else None
         if old is not None and files == old.files:
             return
+        if files == []:
+            self.log.warning("watch: nothing to watch (no config file, certificate or --ingress manifest)")
+            files = None
         self.watcher = Watcher(files, self.log) if files is not None else None
         if old is not None:
             old.read(time.monotonic())
