@@ -11,9 +11,9 @@ Theory of operation:
    (401), request header rules, path rewrite, then the request hook, which sees the result.  A local
    answer sets the exchange's status (and `answer`, its own fields and body); the exchange answers it
    when it starts, after any pipelined request before it.
-4. An async hook holds the exchange (status HOLD): the body keeps being buffered as for a connecting
-   exchange; the hook's task sets the outcome and starts the exchange if it is the connection's active
-   one (otherwise it starts in its turn).  Past `[hooks] timeout`, 504.
+4. An async hook, or a bcrypt check (in a thread), holds the exchange (status HOLD): the body keeps
+   being buffered as for a connecting exchange; the task sets the outcome and starts the exchange if it
+   is the connection's active one (otherwise it starts in its turn).  Past `[hooks] timeout`, 504.
 5. `UpstreamConnection._head` calls `RoutePolicy.response` with the response head for the routes with
    response rules or an on_response hook (`Exchange.policy` is set only for them).
 A hook that raises answers 500 (with the request id), counts fastlb_hook_errors_total{hook} and logs its
@@ -150,9 +150,22 @@ class RoutePolicy:
                 _answer(ex, 429, b"Retry-After: %d\r\n" % math.ceil(wait / 1e6), b"429 Too Many Requests\n")
                 return
         auth = rules.auth
-        if auth is not None and not auth.allowed(_find_field(ex.head, 0, len(ex.head), b"authorization")):
-            _answer(ex, 401, auth.challenge, b"401 Unauthorized\n")
-            return
+        if auth is not None:
+            authorization = _find_field(ex.head, 0, len(ex.head), b"authorization")
+            known = auth.known(authorization)
+            if known is None:
+                # bcrypt takes milliseconds: off the loop, the request held meanwhile.
+                ex.status = HOLD
+                self.worker.loop.create_task(self._verify(client, ex, ip, authorization))
+                return
+            if not known:
+                _answer(ex, 401, auth.challenge, b"401 Unauthorized\n")
+                return
+        self._admitted(client, ex, ip)
+
+    def _admitted(self, client, ex, ip: bytes) -> None:
+        """The rest of the request side, once access, rate and credentials are settled."""
+        rules = self.rules
         if rules.request_headers is not None or rules.rewrite is not None:
             head = Head(ex.head)
             if rules.request_headers is not None:
@@ -201,6 +214,27 @@ class RoutePolicy:
         ex.status = HOLD
         self.worker.loop.create_task(self._await(client, ex, req, result))
 
+    async def _verify(self, client, ex, ip: bytes, authorization: bytes) -> None:
+        auth = self.rules.auth
+        try:
+            # The default executor's threads: the bcrypt binding releases the GIL while it hashes.
+            ok = await self.worker.loop.run_in_executor(None, auth.verify, authorization)
+        except Exception:  # noqa: BLE001 - the request must not stay held
+            _log_limited("basic_auth", "basic_auth check failed (request %s)", ex.request_id.decode("latin-1"),
+                         exc_info=True)
+            ex.status = 500
+            self._resume(client, ex)
+            return
+        if ok:
+            auth.remember(authorization)
+            ex.status = 0
+            self._admitted(client, ex, ip)
+            if ex.status == HOLD:
+                return  # an async hook decides next, and resumes the exchange itself
+        else:
+            _answer(ex, 401, auth.challenge, b"401 Unauthorized\n")
+        self._resume(client, ex)
+
     async def _await(self, client, ex, req, coro) -> None:
         try:
             result = await asyncio.wait_for(coro, self.rules.timeout)
@@ -212,6 +246,11 @@ class RoutePolicy:
                          self.rules.on_request_name, self.rules.timeout)
         except Exception:  # noqa: BLE001
             self._failed(ex, self.rules.on_request_name, self.m_request_hook)
+        self._resume(client, ex)
+
+    def _resume(self, client, ex) -> None:
+        """A held exchange is decided: it starts now if it is the connection's active one, else in its
+        turn (ClientConnection.exchange_done starts it)."""
         if client.closed:
             return
         backend = ex.backend

@@ -1,10 +1,13 @@
 """HTTP Basic authentication (RFC 7617) against an htpasswd file of bcrypt hashes.
 
-bcrypt is slow on purpose (tens of milliseconds at the usual cost 10-12), and it runs in the worker's
-loop: a credential that verified is remembered (the exact Authorization value, in a bounded LRU) so a
+bcrypt is slow on purpose (tens to hundreds of milliseconds at the usual cost 10-12), so it never runs
+in the worker's loop: `RoutePolicy` holds the request and `verify` runs in the loop's default thread
+pool (the bcrypt binding releases the GIL while it hashes), and the loop keeps serving everyone else.
+A credential that verified is remembered (the exact Authorization value, in a bounded LRU), so a
 client that keeps sending it pays the hash once, not per request.  A wrong one is never remembered and
-pays the full hash each time, which is what makes guessing expensive; put a `rate_limit` on the route
-to keep guessing from costing the worker too.  The file is read at config load (and on every reload).
+pays the full hash every time, which is what makes guessing expensive; an unknown user is hashed
+against a dummy of the same cost, so the answer's timing does not tell which users exist.  The file
+is read at config load (and on every reload).
 """
 
 import base64
@@ -15,8 +18,8 @@ from collections import OrderedDict
 import bcrypt
 
 _CACHE = 1024
-# $2a$, $2b$, $2y$: the bcrypt variants htpasswd -B and the bcrypt library write.
-_BCRYPT = re.compile(rb"\$2[aby]\$[0-3][0-9]\$[./A-Za-z0-9]{53}")
+# $2a$, $2b$, $2y$: the bcrypt variants htpasswd -B and the bcrypt library write; then the cost.
+_BCRYPT = re.compile(rb"\$2[aby]\$([0-3][0-9])\$[./A-Za-z0-9]{53}")
 
 
 def read_htpasswd(path: str) -> dict:
@@ -45,35 +48,50 @@ def read_htpasswd(path: str) -> dict:
     return users
 
 
+def _credentials(authorization: bytes):
+    """(user, password) of a Basic Authorization value (RFC 7617 §2), or None."""
+    scheme, _, token = authorization.partition(b" ")
+    if scheme.lower() != b"basic":
+        return None
+    try:
+        user, colon, password = base64.b64decode(token.strip(), validate=True).partition(b":")
+    except (binascii.Error, ValueError):
+        return None
+    return (user, password) if colon else None
+
+
 class BasicAuth:
-    __slots__ = ("users", "realm", "challenge", "_ok")
+    __slots__ = ("users", "challenge", "_dummy", "_ok")
 
     def __init__(self, path: str, realm: str):
         self.users = read_htpasswd(path)
-        self.realm = realm
         # RFC 7617 §2: the challenge names the realm; §2.1: charset="UTF-8" says how user-ids are sent.
         quoted = realm.replace("\\", "\\\\").replace('"', '\\"')
         self.challenge = f'WWW-Authenticate: Basic realm="{quoted}", charset="UTF-8"\r\n'.encode()
+        cost = max(int(_BCRYPT.fullmatch(h).group(1)) for h in self.users.values())
+        self._dummy = bcrypt.hashpw(b"", bcrypt.gensalt(rounds=max(cost, 4)))
         self._ok: OrderedDict = OrderedDict()
 
-    def allowed(self, authorization) -> bool:
-        """authorization: the request's Authorization value (bytes) or None."""
+    def known(self, authorization):
+        """True: verified before; False: refused without hashing (absent, not Basic, malformed);
+        None: `verify` must decide."""
         if authorization is None:
             return False
         if authorization in self._ok:
             self._ok.move_to_end(authorization)
             return True
-        scheme, _, token = authorization.partition(b" ")
-        if scheme.lower() != b"basic":
-            return False
-        try:
-            user, colon, password = base64.b64decode(token.strip(), validate=True).partition(b":")
-        except (binascii.Error, ValueError):
-            return False
+        return None if _credentials(authorization) is not None else False
+
+    def verify(self, authorization: bytes) -> bool:
+        """The bcrypt check; runs in a thread, so it touches nothing shared (see `remember`)."""
+        user, password = _credentials(authorization)
         hashed = self.users.get(user)
-        if not colon or hashed is None or not bcrypt.checkpw(password, hashed):
+        if hashed is None:
+            bcrypt.checkpw(password, self._dummy)  # the same time as a wrong password
             return False
+        return bcrypt.checkpw(password, hashed)
+
+    def remember(self, authorization: bytes) -> None:
         self._ok[authorization] = True
         if len(self._ok) > _CACHE:
             self._ok.popitem(last=False)
-        return True
