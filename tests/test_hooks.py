@@ -2,6 +2,7 @@
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -219,6 +220,25 @@ def test_a_hook_module_that_does_not_import_fails_the_check_in_one_line(tmp_path
     result = _check(tmp_path, '[hooks]\nmodule = "brokenhooks"\n[[routes]]\nbackend = "app"\n',
                     "async def on_response(req, resp):\n    pass\n")
     assert "on_response must not be async" in result.stderr
+
+
+def test_a_reload_imports_the_hook_module_again_and_refuses_a_broken_one(fastlb, backends, tmp_path, pems):
+    (app,) = backends("app")
+    module = tmp_path / "versioned.py"
+    module.write_text('def on_request(req):\n    req.set_header("X-Version", "1")\n')
+    lb = serve(fastlb, tmp_path, pems, '[hooks]\nmodule = "versioned"\n\n[[routes]]\nbackend = "app"\n',
+               {"app": [app]})
+    get(lb, "http", "/")
+    module.write_text('def on_request(req):\n    req.set_header("X-Version", "2")\n')
+    lb.proc.send_signal(signal.SIGHUP)
+    lb.wait_for("reloaded: generation 1")
+    get(lb, "http", "/")
+    module.write_text("def on_request(req):\n    return (\n")  # a syntax error
+    lb.proc.send_signal(signal.SIGHUP)
+    line = lb.wait_for("reload failed")
+    assert "hooks.module: cannot import versioned: SyntaxError" in line
+    get(lb, "http", "/")
+    assert [header(r, "X-Version") for r in app.records()] == ["1", "2", "2"]
 
 
 # -- examples/hooks.py, loaded as users would ----------------------------------------------------------
