@@ -225,6 +225,33 @@ def test_watch_follows_the_certificates_too(tmp_path):
         str(cfg_file), os.path.abspath("ingress.yaml"), str(cert), str(key)]
 
 
+def test_watch_sees_an_edit_behind_a_symlink_and_ignores_other_files(tmp_path):
+    """A file the config names through a symlink is watched where it lives; Kubernetes' ..data
+    directories are not (they are replaced on every update, and ..data itself is watched)."""
+    import logging
+
+    from fastlb.process.watch import Watcher
+
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "srv").mkdir()
+    (tmp_path / "srv" / "site.pem").write_text("one")
+    (tmp_path / "etc" / "site.pem").symlink_to(tmp_path / "srv" / "site.pem")
+    watcher = Watcher([str(tmp_path / "etc" / "site.pem")], logging.getLogger("test"))
+    try:
+        assert watcher.directories == [str(tmp_path / "etc"), str(tmp_path / "srv")]
+        (tmp_path / "srv" / "other.pem").write_text("not an input")
+        time.sleep(0.05)
+        watcher.read(100.0)
+        assert watcher.due is None
+        (tmp_path / "srv" / "site.pem").write_text("two")
+        time.sleep(0.05)
+        watcher.read(100.0)
+        assert watcher.take(100.5) is None  # debounced
+        assert watcher.take(101.0) == ["site.pem"]
+    finally:
+        watcher.close()
+
+
 # -- hashing across nodes ---------------------------------------------------------------------------------
 
 def test_maglev_table_does_not_depend_on_the_order_servers_are_listed():

@@ -63,6 +63,11 @@ class Watcher:
         by_dir: dict[str, set[str]] = {}
         for path in files:
             by_dir.setdefault(os.path.dirname(path), {_KUBERNETES_DATA}).add(os.path.basename(path))
+            # A symlink to a file kept elsewhere (/etc/fastlb/site.pem -> /srv/certs/site.pem) is
+            # edited there.  Not under Kubernetes' ..data: that directory is replaced on each update.
+            real = os.path.realpath(path)
+            if real != path and f"{os.sep}.." not in real:
+                by_dir.setdefault(os.path.dirname(real), {_KUBERNETES_DATA}).add(os.path.basename(real))
         for directory, names in by_dir.items():
             try:
                 self.names[self.inotify.add_watch(directory, _MASK)] = names
