@@ -194,13 +194,13 @@ def test_pipelined_requests_behind_an_async_hook_keep_their_order(hooked):
     assert [r["target"] for r in app.records()] == ["/auth/1", "/two"]
 
 
-def _check(tmp_path, toml: str, module: str | None = None):
+def _check(tmp_path, toml: str, module: str | None = None, env: dict | None = None):
     if module is not None:
         (tmp_path / "brokenhooks.py").write_text(module)
     config = tmp_path / "check.toml"
     config.write_text(toml + '\n[backends.app]\nservers = ["127.0.0.1:9"]\n')
     return subprocess.run([sys.executable, "-m", "fastlb", "check", str(config)], capture_output=True,
-                          text=True, env={"PYTHONPATH": str(tmp_path), "PATH": os.environ["PATH"],
+                          text=True, env={"PYTHONPATH": str(tmp_path), "PATH": os.environ["PATH"], **(env or {}),
                                           **{k: v for k, v in os.environ.items() if k == "FASTLB_NO_EXTENSIONS"}})
 
 
@@ -220,6 +220,11 @@ def test_a_hook_module_that_does_not_import_fails_the_check_in_one_line(tmp_path
     result = _check(tmp_path, '[hooks]\nmodule = "brokenhooks"\n[[routes]]\nbackend = "app"\n',
                     "async def on_response(req, resp):\n    pass\n")
     assert "on_response must not be async" in result.stderr
+
+    result = _check(tmp_path, '[[routes]]\nbackend = "app"\n', "raise RuntimeError('at import')\n",
+                    env={"FASTLB_HOOKS_MODULE": "brokenhooks"})
+    assert result.stderr.strip() == ("environment: FASTLB_HOOKS_MODULE: cannot import brokenhooks: "
+                                     "RuntimeError: at import")
 
 
 def test_a_reload_imports_the_hook_module_again_and_refuses_a_broken_one(fastlb, backends, tmp_path, pems):
