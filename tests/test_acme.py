@@ -11,6 +11,7 @@ import hashlib
 import http.server
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -18,6 +19,7 @@ import ssl
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -123,7 +125,7 @@ def pebbles(tmp_path):
 
 
 def write_config(tmp, http_port, tls_port, directory, ca_file, *, names=("app.test", "www.app.test"),
-                 challenge="http-01", renew_before="10m", backend=None, workers=2, extra="") -> str:
+                 challenge="http-01", renew_before="10m", backend=None, workers=2, extra="", storage=None) -> str:
     backend = backend or f"127.0.0.1:{free_port()}"
     names_toml = ", ".join(f'"{n}"' for n in names)
     text = f"""
@@ -138,7 +140,7 @@ tls = true
 [acme]
 directory = "{directory}"
 directory_ca = "{ca_file}"
-storage = "{tmp / 'acme'}"
+storage = "{storage or tmp / 'acme'}"
 email = "ops@example.com"
 challenge = "{challenge}"
 renew_before = "{renew_before}"
@@ -157,8 +159,9 @@ backend = "web"
     return str(path)
 
 
-def start(fastlb, config: str, http_port: int):
-    return fastlb({"FASTLB_CONFIG": config, "FASTLB_LISTEN": f"127.0.0.1:{http_port}", "FASTLB_WORKERS": None})
+def start(fastlb, config: str, http_port: int, **env):
+    return fastlb({"FASTLB_CONFIG": config, "FASTLB_LISTEN": f"127.0.0.1:{http_port}", "FASTLB_WORKERS": None,
+                   **env})
 
 
 def admin_get(lb, path: str) -> bytes:
@@ -511,6 +514,30 @@ def test_external_account_binding_and_short_lived_renewal_time(tmp_path, fastlb,
     assert state["next_try"] == pytest.approx(state["not_after"] - 1800, abs=2)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+def test_issuance_with_workers_and_control_unprivileged(tmp_path, fastlb, pebbles):
+    """[server] user: the master (root) makes the storage and the stand-in certificate for the user
+    the control process orders as and the workers answer challenges as."""
+    http_port, tls_port = free_port(), free_port()
+    pebble = pebbles(http_port, tls_port).start()
+    shared = tempfile.mkdtemp(prefix="fastlb-acme-")  # tmp_path's parents are root's alone
+    try:
+        os.chmod(shared, 0o755)
+        ca_file = shutil.copy(pebble.ca_file, shared)
+        os.chmod(ca_file, 0o644)
+        storage = os.path.join(shared, "acme")
+        config = write_config(tmp_path, http_port, tls_port, pebble.directory, ca_file, names=("app.test",),
+                              storage=storage)
+        lb = start(fastlb, config, http_port, FASTLB_SERVER_USER="nobody")
+        root = pebble.root()
+        wait_until(lambda: issued(lb, tls_port, root), 20, "issued", lb)
+        nobody = pwd.getpwnam("nobody").pw_uid
+        for path in [storage, *(os.path.join(d, n) for d, ds, fs in os.walk(storage) for n in ds + fs)]:
+            assert os.stat(path).st_uid == nobody, path
+    finally:
+        shutil.rmtree(shared)
+
+
 # -- TLS-ALPN-01: the challenge certificate over a real handshake ----------------------------------
 
 
@@ -601,10 +628,12 @@ def test_config_needs_the_challenge_listener(tmp_path):
 
 
 def test_tls_alpn01_first_issuance(tmp_path, fastlb, pebbles):
+    """Also: without directory_ca the directory is verified with the system store (SSL_CERT_FILE here),
+    not with certifi's bundle, which would refuse pebble's."""
     http_port, tls_port = free_port(), free_port()
     pebble = pebbles(http_port, tls_port).start()
-    config = write_config(tmp_path, http_port, tls_port, pebble.directory, pebble.ca_file, challenge="tls-alpn-01")
-    lb = start(fastlb, config, http_port)
+    config = write_config(tmp_path, http_port, tls_port, pebble.directory, "", challenge="tls-alpn-01")
+    lb = start(fastlb, config, http_port, SSL_CERT_FILE=pebble.ca_file)
     root = pebble.root()
     wait_until(lambda: issued(lb, tls_port, root, "www.app.test"), 20, "issued", lb)
     assert "tls-alpn-01 challenge published" in lb.output

@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime
 import email.utils
 import os
+import ssl
 
 import josepy as jose
 import requests
@@ -79,7 +80,7 @@ def order(spec, storage, names: tuple[str, ...], log) -> tuple[bytes, object]:
     try:
         key = _account_key(storage, spec.directory)
         net = acme_client.ClientNetwork(
-            jose.JWKEC(key=key), alg=jose.ES256, verify_ssl=spec.directory_ca or True,
+            jose.JWKEC(key=key), alg=jose.ES256, verify_ssl=_trust(spec),
             user_agent=f"fastlb/{__version__}", timeout=NETWORK_TIMEOUT)
         # The library raises the CA's problem document without its response; the hook keeps the
         # latest response for its status and a rate limit's Retry-After header (section 6.6).
@@ -158,6 +159,18 @@ def _order(net, spec, storage, names, published, log):
     if problem:
         raise OrderError("refused", f"the CA issued a certificate that cannot be installed: {problem}")
     return pem_bundle(key, chain), leaf
+
+
+def _trust(spec):
+    """What the directory's HTTPS is verified with: directory_ca, else the system store (OpenSSL's
+    default file or directory, SSL_CERT_FILE honoured); requests alone would use certifi's bundle."""
+    if spec.directory_ca:
+        return spec.directory_ca
+    paths = ssl.get_default_verify_paths()
+    for path in (paths.cafile, paths.capath):
+        if path and os.path.exists(path):
+            return path
+    return True
 
 
 def _type(challb) -> str:

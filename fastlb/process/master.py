@@ -671,6 +671,8 @@ class Master:
 
             if self.demo is not None:
                 import fastlb.demo  # noqa: F401
+            if kind == "control" and any(spec.acme for spec in cfg.tls.certificates):
+                import fastlb.acme.manager  # noqa: F401 - requests and the acme library
             _drop_privileges(self.ids)
             # Worker and Control know their shared-memory record as their "slot": it is all they
             # use it for, and the record differs from the socket slot while generations overlap.
