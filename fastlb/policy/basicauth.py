@@ -48,6 +48,17 @@ def read_htpasswd(path: str) -> dict:
     return users
 
 
+_DUMMIES: dict = {}
+
+
+def _dummy(cost: int) -> bytes:
+    """A hash of that cost to check unknown users against; one per cost and process, since making it
+    takes as long as a check (a quarter second at cost 12)."""
+    if cost not in _DUMMIES:
+        _DUMMIES[cost] = bcrypt.hashpw(b"", bcrypt.gensalt(rounds=cost))
+    return _DUMMIES[cost]
+
+
 def _credentials(authorization: bytes):
     """(user, password) of a Basic Authorization value (RFC 7617 §2), or None."""
     scheme, _, token = authorization.partition(b" ")
@@ -69,7 +80,7 @@ class BasicAuth:
         quoted = realm.replace("\\", "\\\\").replace('"', '\\"')
         self.challenge = f'WWW-Authenticate: Basic realm="{quoted}", charset="UTF-8"\r\n'.encode()
         cost = max(int(_BCRYPT.fullmatch(h).group(1)) for h in self.users.values())
-        self._dummy = bcrypt.hashpw(b"", bcrypt.gensalt(rounds=max(cost, 4)))
+        self._dummy = _dummy(max(cost, 4))
         self._ok: OrderedDict = OrderedDict()
 
     def known(self, authorization):
