@@ -23,7 +23,7 @@ import trustme
 import yaml
 from conftest import free_port
 from cryptography import x509
-from test_nodes import MountedConfigMap
+from test_nodes import MountedConfigMap, settles_on
 
 ROOT = Path(__file__).parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -300,7 +300,7 @@ def test_dockerfile_entrypoint_runs_the_kubernetes_config_and_its_health_check_f
         while "reloaded: generation 1" not in line:
             line = proc.stderr.readline()
             assert line and "reload failed" not in line, line
-        assert served_name() == ["two.example.com"]
+        settles_on(served_name, ["two.example.com"])
 
         pre_stop = manifests()["Deployment"]["spec"]["template"]["spec"]["containers"][0]["lifecycle"]
         command = [str(pid_file) if c == cfg["server"]["pid_file"] else c for c in pre_stop["preStop"]["exec"]["command"]]
