@@ -12,8 +12,11 @@ Theory of operation:
 2. `core.parse_request` parses each head in one call over the raw bytes: request line, fields, every
    RFC 9112 check (400/414/431/501/505/405/417), Host, Content-Length, and the upstream head with
    X-Forwarded-* already written.  No callback per header, no header list.
-3. The router picks a route; the Exchange asks the backend's balancer for a server and takes an idle
-   pooled connection or opens one.  Body bytes stream to it (chunked bodies decoded and re-chunked).
+3. The router picks a route; a route with policies or hooks runs them (`Route.policy`, fastlb/policy),
+   which may answer locally, edit the upstream head and backend, or hold the exchange in NEW (status
+   < 0) while an async hook or a bcrypt check decides.  The Exchange asks the backend's balancer for a
+   server and takes an idle pooled connection or opens one.  Body bytes stream to it (chunked bodies
+   decoded and re-chunked).
 4. `UpstreamConnection.data_received` frames the response the same way, `core.parse_response` parses
    its head and writes the one sent to the client; head and body leave in one write per read.
 5. When the request has been read and the response sent, the next pipelined request, if any, starts
