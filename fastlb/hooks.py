@@ -8,8 +8,9 @@ A module named by ``[hooks] module`` (or ``FASTLB_HOOKS_MODULE``) may define::
         ...
 
 and a route may name its own request hook with ``hook = "mypkg.lb_hooks:function"`` (or ``"function"``
-of the ``[hooks]`` module), which replaces the module's ``on_request`` on that route.  A route whose
-configuration has no hook and no policy runs none of this: its ``Route.policy`` is None.
+of the ``[hooks]`` module), which replaces the module's ``on_request`` on that route.  A route with no
+hook and no policy (and no ``[hooks]`` module function, which applies to every route) runs none of
+this: its ``Route.policy`` is None.
 
 The names below are a contract: user code written against the README keeps working.
 
