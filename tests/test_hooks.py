@@ -12,6 +12,8 @@ import pytest
 from policyutil import Client, get, header, metric, serve
 from tlsutil import make_pems
 
+from fastlb import config, policy
+
 HOOKS = '''
 import asyncio
 from fastlb.hooks import Response
@@ -244,6 +246,24 @@ def test_a_reload_imports_the_hook_module_again_and_refuses_a_broken_one(fastlb,
     assert "hooks.module: cannot import versioned: SyntaxError" in line
     get(lb, "http", "/")
     assert [header(r, "X-Version") for r in app.records()] == ["1", "2", "2"]
+
+
+def test_only_routes_with_hooks_or_policies_get_a_policy(tmp_path, monkeypatch):
+    """What makes a route without hooks pay nothing: its Route.policy stays None."""
+    (tmp_path / "onlyroute.py").write_text("def noop(req):\n    return None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = tmp_path / "c.toml"
+    path.write_text('default_backend = "app"\n[hooks]\nmodule = "onlyroute"\n'
+                    '[[routes]]\npath = "/h"\nbackend = "app"\nhook = "noop"\n'
+                    '[[routes]]\npath = "/p"\nbackend = "app"\n[[routes]]\npath = "/d"\nbackend = "app"\n'
+                    'deny = ["10.0.0.0/8"]\n[backends.app]\nservers = ["127.0.0.1:9"]\n')
+    cfg = config.load(str(path), {})
+    hooked, plain, denied, default = policy.build(cfg)
+    assert (hooked.on_request.__name__, hooked.on_response, plain, default) == ("noop", None, None, None)
+    assert denied.access is not None and denied.on_request is None
+    (tmp_path / "onlyroute.py").write_text("def noop(req):\n    pass\ndef on_response(req, resp):\n    pass\n")
+    cfg = config.load(str(path), {})  # a reload imports it again: now every route has a response hook
+    assert all(rules is not None and rules.on_response is not None for rules in policy.build(cfg))
 
 
 # -- examples/hooks.py, loaded as users would ----------------------------------------------------------

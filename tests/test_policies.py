@@ -16,6 +16,7 @@ from tlsutil import make_pems
 
 from fastlb import _core_py, config, core
 from fastlb.lb import ingress
+from fastlb.policy.headers import Head, field_name, field_value, rewrite_path
 
 SCHEMES = ["http", "https"]
 
@@ -230,6 +231,37 @@ rate_limit = { rate = "100/s", burst = 20 }
     # Per worker buckets would allow up to `workers` times this.
     assert abs(allowed - expected) <= 0.1 * expected, (allowed, expected)
     assert len(app.records()) == allowed
+
+
+@pytest.mark.parametrize("route,replacement,target,expected", [
+    ("/api", "/v2/", "/api/users?x=1", "/v2/users?x=1"),
+    ("/api", "/v2/", "/api", "/v2/"),
+    ("/api", "/v2/", "/api/", "/v2/"),
+    ("/api", "/v2", "/api", "/v2"),
+    ("/api", "/v2", "/api/", "/v2/"),
+    ("/api/", "/v2", "/api/a/b/", "/v2/a/b/"),
+    ("/api", "/", "/api/x?q", "/x?q"),
+    ("/api", "/", "/api", "/"),
+    ("/", "/v2/", "/api/x", "/v2/api/x"),
+    ("/", "/v2/", "/", "/v2/"),
+    ("/exact/file", "/other", "/exact/file?a", "/other?a"),
+])
+def test_rewrite_prefix_replaces_the_matched_segments(route, replacement, target, expected):
+    assert rewrite_path(target.encode(), route.encode(), replacement.encode()) == expected.encode()
+
+
+def test_head_edits_keep_every_other_field_and_its_order():
+    head = Head(b"GET /a HTTP/1.1\r\nHost: h\r\nX-A: 1\r\nx-a: 2\r\nX-B:  spaced \r\n\r\n")
+    assert (head.get(b"x-a"), head.get_all(b"x-a"), head.get(b"x-b")) == (b"1", [b"1", b"2"], b"spaced")
+    head.remove(b"X-A")
+    head.set(b"X-C", b"3")
+    head.set_target(b"/b?q")
+    assert head.bytes() == b"GET /b?q HTTP/1.1\r\nHost: h\r\nX-B:  spaced \r\nX-C: 3\r\n\r\n"
+    for name in ("Content-Length", "transfer-encoding", "Connection", "Upgrade", "TE", "bad name"):
+        with pytest.raises(ValueError):
+            field_name(name)
+    with pytest.raises(ValueError):
+        field_value("a\r\nX-Injected: 1")
 
 
 # -- the shared table -------------------------------------------------------------------------------------

@@ -99,12 +99,10 @@ class HeaderRules:
 def rewrite_path(target: bytes, prefix: bytes, replacement: bytes) -> bytes:
     """target with the route's matched path prefix replaced (query kept).  The router matched whole
     segments, so the path is `prefix` itself or `prefix` + "/..." (a trailing slash on either side is
-    not doubled): /api + /v2/ turns /api/users?x into /v2/users?x and /api into /v2/."""
+    not doubled): /api + /v2/ turns /api/users?x into /v2/users?x, /api into /v2/ and /api/ into /v2/;
+    /api + /v2 turns /api into /v2 and /api/ into /v2/."""
     q = target.find(b"?")
     path, query = (target, b"") if q < 0 else (target[:q], target[q:])
     rest = path[len(prefix.rstrip(b"/")):]
-    if rest in (b"", b"/"):
-        new = replacement
-    else:
-        new = replacement.rstrip(b"/") + rest
+    new = replacement if not rest else replacement.rstrip(b"/") + rest
     return (new or b"/") + query
