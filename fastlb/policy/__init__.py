@@ -49,7 +49,7 @@ class RouteRules:
     __slots__ = ("access", "limiter", "auth", "request_headers", "response_headers", "rewrite",
                  "on_request", "on_request_name", "is_async", "on_response", "on_response_name", "timeout")
 
-    def __init__(self, spec, path, cfg):
+    def __init__(self, spec, cfg):
         """spec: the RouteSpec, or None for the default_backend route (which gets the [hooks] module's)."""
         module = cfg.hooks.module
         hooks_module = hooks.check_module(module) if module else None
@@ -69,10 +69,10 @@ class RouteRules:
             if spec.response_headers is not None:
                 self.response_headers = HeaderRules(spec.response_headers)
             if spec.rewrite_prefix:
-                self.rewrite = (path.encode(), spec.rewrite_prefix.encode())
+                self.rewrite = (spec.path.encode(), spec.rewrite_prefix.encode())
             if spec.hook:
                 self.on_request = hooks.resolve(spec.hook, module)
-                self.on_request_name = spec.hook if ":" in spec.hook else f"{module}:{spec.hook}"
+                self.on_request_name = _hook_name(spec.hook, module)
         self.is_async = self.on_request is not None and inspect.iscoroutinefunction(self.on_request)
         self.on_response = getattr(hooks_module, "on_response", None)
         self.on_response_name = f"{module}:on_response"
@@ -87,9 +87,9 @@ class RouteRules:
 def build(cfg) -> list:
     """One RouteRules or None per route of the worker's Router, in its order (cfg.routes, then the
     default_backend route)."""
-    rules = [RouteRules(spec, spec.path, cfg) for spec in cfg.routes]
+    rules = [RouteRules(spec, cfg) for spec in cfg.routes]
     if cfg.default_backend:
-        rules.append(RouteRules(None, "/", cfg))
+        rules.append(RouteRules(None, cfg))
     return [r if not r.empty() else None for r in rules]
 
 
@@ -102,11 +102,14 @@ def hook_names(cfg) -> list:
         names += [f"{module}:{attr}" for attr in ("on_request", "on_response")
                   if getattr(hooks_module, attr, None) is not None]
     for spec in cfg.routes:
-        if spec.hook:
-            name = spec.hook if ":" in spec.hook else f"{module}:{spec.hook}"
-            if name not in names:
-                names.append(name)
+        if spec.hook and _hook_name(spec.hook, module) not in names:
+            names.append(_hook_name(spec.hook, module))
     return names
+
+
+def _hook_name(ref: str, module: str) -> str:
+    """A route's `hook` as its metric label: "module:function" ("function" is the [hooks] module's)."""
+    return ref if ":" in ref else f"{module}:{ref}"
 
 
 def attach(worker, rules: list, layout) -> None:
