@@ -1280,8 +1280,6 @@ def _connected(conn, ex, timer, task) -> None:
         # A certificate that fails verification, or a refused handshake, is a failed connect: kind
         # "tls", counted by reason and logged with OpenSSL's words (upstream_tls.ServerLink.failed).
         kind = "connect" if link is None else link.failed(exc, conn.worker.area, conn.worker.log)
-        if conn.transport is not None and not conn.transport.is_closing():
-            conn.transport.abort()  # send_proxy + TLS: the raw connection outlives a failed start_tls
         ex.upstream_failed(server, kind, False)
         return
     if conn.transport.is_closing():

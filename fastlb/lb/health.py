@@ -36,7 +36,7 @@ class ServerCheck:
         self.streak = 0       # consecutive results contradicting the current state
         self.last = "not checked yet"
         self.checked_at = 0.0
-        self.context = context            # UpstreamContext: check over TLS
+        self.context = context            # the backend's client context: check over TLS
         self.server_name = server_name    # SNI and the name verified
         self.proxy = proxy                # "", "v1" or "v2": send a PROXY header first
 
@@ -48,11 +48,9 @@ class HealthChecker:
         self.checks: list[ServerCheck] = []
         gid = 0
         for name, backend in cfg.backends.items():
-            first = gid
             for server in backend.servers:
                 if backend.health is not None:
-                    per_server = (upstream or {}).get(name)
-                    context = per_server[gid - first] if per_server else None
+                    context = (upstream or {}).get(name)
                     tls = backend.tls
                     server_name = None
                     if context is not None:

@@ -6,25 +6,21 @@ Theory of operation
 1. The master calls `build_contexts(cfg)` once per config generation, before forking, like the
    listeners' contexts (fastlb/net/tls.py): a broken CA bundle or client certificate refuses the config
    or the reload with a one-line `ConfigError` naming the key, the client key is read while the master
-   can still read it (workers may run as another user), and a reload reads the files again. One
-   `UpstreamContext` per server of a backend with `[backends.NAME.tls]` (step 3 says why per server);
-   `verify = false` is logged at start.
+   can still read it (workers may run as another user), and a reload reads the files again. One client
+   context per backend with `[backends.NAME.tls]`; `verify = false` is logged at start.
 2. Each worker gives every server of such a backend (or of one with `send_proxy`) a `ServerLink`
    (`link_servers`): its context, the name sent as SNI and verified (RFC 6066 section 3, RFC 6125), the
    PROXY protocol version, and the metrics indices. `Server.link` is None for plain servers, so the data
    path (fastlb/http/protocol_py.py `connect`) pays one `is None` test for them.
-3. Session resumption. uvloop's `create_connection(ssl=...)` and `start_tls` call
-   `context.wrap_bio(incoming, outgoing, server_side=..., server_hostname=...)` themselves
-   (uvloop/sslproto.pyx `_start_handshake`) and have no `session=` parameter; `UpstreamContext.wrap_bio`
-   supplies it from the context's last session under that server name. All that reaches `wrap_bio` is
-   the name (uvloop types it as an exact `str`, so it cannot carry more), and servers of one backend
-   often share one name: hence one context per server, so that each server is offered its own
-   session (CPython also refuses a session from another `SSL_CTX`). To keep that cheap, the system
-   trust store is the hashed directory (`capath`, certificates read when a chain needs them: 18 KiB
-   per context) rather than the bundle file (850 KiB per context, parsed up front). The session is
-   taken when a new connection's first response is complete (`UpstreamConnection._complete`): a TLS
-   1.3 ticket (RFC 8446 section 4.6.1) arrives after the handshake, so the session right after it is
-   not resumable yet.
+3. TLS itself is fastlb's own layer over the loop's TCP transport (fastlb/http/backend_tls_py.py,
+   compiled): uvloop's `create_connection(ssl=...)` costs more per request, has no `session=` argument
+   and cannot put a PROXY header before the ClientHello.  Session resumption: each ServerLink keeps the
+   last `ssl.SSLSession` of its server per name and hands it to `wrap_bio`, so a connection that has to
+   be made again (the pool was empty, the server closed an idle one) costs a resumed handshake.  The
+   session is taken when a new connection's first response is complete (`UpstreamConnection._complete`):
+   a TLS 1.3 ticket (RFC 8446 section 4.6.1) arrives after the handshake, so the session right after it
+   is not resumable yet.  The system trust store is the hashed directory (`capath`, certificates read
+   when a chain needs them: 18 KiB per context) rather than the bundle file (850 KiB, parsed up front).
 4. A failed handshake is a connect failure of kind `tls` (the next server is tried, then 502):
    `failure` names why, from `SSLCertVerificationError.verify_code` (expired, wrong name, unknown CA)
    or from the alert the server sent, counts it per backend and logs it, at most once a second per
@@ -42,11 +38,10 @@ import ssl
 import time
 
 from fastlb import core
+from fastlb.http.backend_tls import BackendTls
 from fastlb.net import certs
 
-__all__ = [
-    "TLS_FAILURES", "ServerLink", "UpstreamContext", "build_contexts", "failure", "link_servers", "unverified",
-]
+__all__ = ["TLS_FAILURES", "ServerLink", "build_contexts", "failure", "link_servers", "unverified"]
 
 _MIN_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
@@ -85,29 +80,15 @@ def _config_error(source: str, key: str, reason: str) -> Exception:
     return ConfigError(source, key, reason)
 
 
-class UpstreamContext(ssl.SSLContext):
-    """One server's client context; its `wrap_bio` resumes the last session under the name asked for."""
-
-    def __init__(self, protocol):
-        super().__init__()
-        self.sessions: dict[str, ssl.SSLSession] = {}
-
-    def wrap_bio(self, incoming, outgoing, server_side=False, server_hostname=None, session=None):
-        if session is None:
-            session = self.sessions.get(server_hostname)
-        return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
-
-
-def build_contexts(cfg) -> dict[str, tuple[UpstreamContext, ...]]:
-    """{backend: one client context per server} for the backends with TLS on; raises ConfigError
-    naming the first bad key."""
+def build_contexts(cfg) -> dict[str, ssl.SSLContext]:
+    """{backend: client context} for the backends with TLS on; raises ConfigError naming the first bad key."""
     source = cfg.source or "environment"
     contexts = {}
     for name, spec in cfg.backends.items():
         tls = spec.tls
         if tls is None or not tls.enabled:
             continue
-        contexts[name] = tuple(_context(tls, f"backends.{name}.tls", source) for _ in spec.servers)
+        contexts[name] = _context(tls, f"backends.{name}.tls", source)
     return contexts
 
 
@@ -116,8 +97,8 @@ def unverified(cfg) -> list[str]:
     return [name for name, spec in cfg.backends.items() if spec.tls and spec.tls.enabled and not spec.tls.verify]
 
 
-def _context(tls, key: str, source: str) -> UpstreamContext:
-    context = UpstreamContext(ssl.PROTOCOL_TLS_CLIENT)
+def _context(tls, key: str, source: str) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = _MIN_VERSIONS[tls.min_version]
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     if tls.verify:
@@ -178,16 +159,17 @@ class ServerLink:
     """What opening a connection to one server takes beyond TCP (module docstring, step 2)."""
 
     __slots__ = (
-        "backend", "server", "context", "name", "names", "sni_from_host", "proxy", "m_handshakes",
-        "m_errors", "logged_at",
+        "backend", "server", "context", "name", "names", "sessions", "sni_from_host", "proxy",
+        "m_handshakes", "m_errors", "logged_at",
     )
 
     def __init__(self, backend: str, server, context, name: str, sni_from_host: bool, proxy: int):
         self.backend = backend
         self.server = server              # the data path's Server
-        self.context = context            # UpstreamContext, or None: plain TCP (send_proxy only)
+        self.context = context            # the backend's client context, or None: plain TCP (send_proxy)
         self.name = name
         self.names: dict[str, str] = {}
+        self.sessions: dict[str, ssl.SSLSession] = {}  # by name: the last session of this server
         self.sni_from_host = sni_from_host
         self.proxy = proxy                # 0, or the PROXY protocol version sent first
         self.m_handshakes = (0, 0)        # series of fastlb_upstream_tls_handshakes_total: full, resumed
@@ -222,22 +204,25 @@ class ServerLink:
         return build(src[0], src[1], dst[0], dst[1])
 
     async def open(self, loop, conn, name: str, header: bytes | None) -> None:
-        """Connect conn to the server: PROXY header first if any, then TLS if any (see `connect`)."""
+        """Connect conn to the server: PROXY header first if any, then TLS if any (see `connect` in
+        fastlb/http/protocol_py.py, which cancels this at connect_timeout)."""
         server = self.server
-        context = self.context
-        if header is None:
-            await loop.create_connection(lambda: conn, server.host, server.port, ssl=context,
-                                         server_hostname=name)
+        if self.context is None:
+            raw, _ = await loop.create_connection(lambda: conn, server.host, server.port)
+            raw.write(header)
             return
-        raw, _ = await loop.create_connection(lambda: conn, server.host, server.port)
-        raw.write(header)
-        if context is not None:
-            # The header must precede the ClientHello: TLS starts on the raw connection, after it.
-            conn.transport = await loop.start_tls(raw, conn, context, server_hostname=name)
+        waiter = loop.create_future()
+        layer = BackendTls(conn, self.context, name, self.sessions.get(name), header, waiter)
+        try:
+            await loop.create_connection(lambda: layer, server.host, server.port)
+            await waiter
+        except BaseException:
+            layer.abort()  # cancelled at connect_timeout, or refused: nothing may stay open
+            raise
 
     def save_session(self, name: str, transport) -> None:
         """Keep the session of a connection whose first response is complete, for the next one."""
-        sessions = self.context.sessions
+        sessions = self.sessions
         if len(sessions) >= _MAX_NAMES:
             sessions.clear()
         sessions[name] = transport.get_extra_info("ssl_object").session
@@ -287,12 +272,12 @@ def link_servers(backends, cfg, contexts) -> None:
     """Give each server of a TLS or send_proxy backend its ServerLink (`Server.link`)."""
     for name, backend in backends.items():
         spec = cfg.backends[name]
-        per_server = contexts.get(name) or (None,) * len(spec.servers)
+        context = contexts.get(name)
         proxy = {"v1": 1, "v2": 2}.get(spec.send_proxy, 0)
-        if per_server[0] is None and not proxy:
+        if context is None and not proxy:
             continue
         tls = spec.tls
-        for server, server_spec, context in zip(backend.servers, spec.servers, per_server, strict=True):
+        for server, server_spec in zip(backend.servers, spec.servers, strict=True):
             own = server_spec.server_name
             default = own or (tls.server_name if tls is not None else None) or server.host
             sni_from_host = context is not None and tls.sni_from_host and own is None

@@ -29,7 +29,7 @@ class Control:
         self.layout = layout
         self.store = store
         self.cert_facts = cert_facts
-        self.upstream = upstream or {}  # {backend: UpstreamContext}: health checks over TLS
+        self.upstream = upstream or {}  # {backend: client SSLContext}: health checks over TLS
         self.loop = None
 
     def run(self) -> int:

@@ -78,7 +78,7 @@ class _Generation:
         self.deadline = 0.0           # while booting in a reload: when it must be ready
         self.failure = None           # while booting in a reload: why it cannot become current
         self.states = None            # server states from before the reload, when it reset them
-        self.upstream = {}            # {backend name: UpstreamContext} (fastlb/net/upstream_tls.py)
+        self.upstream = {}            # {backend name: client SSLContext} (fastlb/net/upstream_tls.py)
         # Route policies and hooks (fastlb/policy), built before forking: the rate-limit tables in
         # them are shared memory every worker of the generation updates.
         self.policies = policy.build(cfg)

@@ -1,0 +1,1 @@
+backend_tls_py.py
