@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from proxies import (
     HOST,
     HTTP_PORT,
     PROXIES,
+    REENCRYPT_PATH,
     TLS_PORT,
     Backend,
     Service,
@@ -76,6 +78,8 @@ class Scenario:
                 return load.ab(f"{https}/", duration)
             case "https-resume":
                 return load.wrk(f"{https}/", duration, ["Connection: close"])
+            case "https-reencrypt":
+                return load.wrk(f"{https}{REENCRYPT_PATH}", duration)
         raise ValueError(self.name)
 
 
@@ -109,6 +113,13 @@ SCENARIOS = {
             f"{WRK} -H 'Connection: close' (reconnect per request, wrk resumes the TLS session)",
         ),
         Scenario(
+            "https-reencrypt",
+            True,
+            1.0,
+            f"{WRK} https://{HOST}:{TLS_PORT}{REENCRYPT_PATH} (verified TLS to the backends too, "
+            "pooled, sessions resumed: nginx proxy_ssl_session_reuse on)",
+        ),
+        Scenario(
             "idle",
             True,
             1.0,
@@ -128,10 +139,12 @@ def measure(scenario: Scenario, svc: Service, backend: Backend, args) -> dict:
     if args.warmup > 0:
         scenario.run(args.warmup)
     counter = SyscallCounter([p.pid for p in svc.processes()])
+    accepted0 = backend_accepts()
     (user0, sys0), backend0, t0 = svc.cpu_split(), backend.cpu_seconds(), time.monotonic()
     res = scenario.run(args.duration)
     (user1, sys1), backend1, wall = svc.cpu_split(), backend.cpu_seconds(), time.monotonic() - t0
     syscalls = counter.stop()
+    accepted1 = backend_accepts()
     proxy0, proxy1 = user0 + sys0, user1 + sys1
     n = max(res.requests, 1)
     return {
@@ -151,8 +164,21 @@ def measure(scenario: Scenario, svc: Service, backend: Backend, args) -> dict:
         "proxy_util": (proxy1 - proxy0) / wall,
         "tool_util": res.tool_cpu_s / wall,
         "backend_util": (backend1 - backend0) / wall,
+        # Connections the backends accepted per request: for https-reencrypt each is a TLS handshake
+        # the proxy made upstream (keep-alive pooling makes it ~0; nothing else talks to them then).
+        # (-1: the stub_status request that read accepted1 is one of them.)
+        "upstream_conns_per_req": (accepted1 - accepted0 - 1) / n if accepted0 is not None and accepted1 else None,
         "detail": res.detail,
     }
+
+
+def backend_accepts() -> int | None:
+    """nginx stub_status on the backend: connections accepted so far (plain and TLS ports together)."""
+    try:
+        with urllib.request.urlopen(f"http://{HOST}:{BACKEND_PORTS[0]}/stub", timeout=5) as r:
+            return int(r.read().decode().splitlines()[2].split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def measure_idle(svc: Service, cafile: Path) -> dict:
@@ -220,6 +246,11 @@ def run_proxy(
                     f"{row['kib_per_conn']:.1f} KiB/conn"
                     if sc.name == "idle"
                     else f"{row['rps']:9.0f} req/s  {row['proxy_cpu_us']:6.1f} µs/req"
+                )
+                + (
+                    f"  {row['upstream_conns_per_req']:.5f} upstream TLS handshakes/req"
+                    if sc.name == "https-reencrypt" and row.get("upstream_conns_per_req") is not None
+                    else ""
                 )
             )
     finally:

@@ -24,6 +24,10 @@ HOST = "127.0.0.1"
 HTTP_PORT = 8080
 TLS_PORT = 8443
 BACKEND_PORTS = (9101, 9102)
+# https-reencrypt: the same backend nginx also serves TLS on these ports (the bench certificate, tickets
+# on); each proxy sends REENCRYPT_PATH there over verified TLS, pooled and with sessions resumed.
+BACKEND_TLS_PORTS = (9111, 9112)
+REENCRYPT_PATH = "/re"
 ADMIN_PORT = 9900
 SMALL_BODY = b"hello world!\n"  # 13 bytes, the body of `/` on the backends
 BIG_SIZE = 64 * 1024  # size of `/big`
@@ -283,7 +287,7 @@ class Backend(Service):
     """ONE nginx serving both backend ports: 13-byte `/`, 64 KiB `/big`, and `/headers` for sanity checks."""
 
     name = "backend"
-    required_ports = BACKEND_PORTS
+    required_ports = BACKEND_PORTS + BACKEND_TLS_PORTS
 
     def command(self) -> list[str]:
         html = self.dir / "html"
@@ -293,6 +297,7 @@ class Backend(Service):
         big.write_bytes(os.urandom(BIG_SIZE))
         big.chmod(0o644)
         listens = "\n".join(f"        listen {HOST}:{p} backlog=4096;" for p in BACKEND_PORTS)
+        tls_listens = "\n".join(f"        listen {HOST}:{p} ssl backlog=4096;" for p in BACKEND_TLS_PORTS)
         conf = f"""{self.nginx_common()}
 http {{
 {self.nginx_http_common()}
@@ -306,6 +311,16 @@ http {{
         location = /headers {{
             return 200 "port=$server_port xff=$http_x_forwarded_for proto=$http_x_forwarded_proto port_hdr=$http_x_forwarded_port\\n";
         }}
+        # Connections accepted, TLS ones included: upstream connections per request in https-reencrypt.
+        location = /stub {{ stub_status; }}
+    }}
+    server {{
+{tls_listens}
+        ssl_certificate {self.cert};
+        ssl_certificate_key {self.key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_session_tickets on;
+        location = {REENCRYPT_PATH} {{ return 200 "{SMALL_BODY.decode().strip()}\\n"; }}
     }}
 }}
 """
@@ -320,7 +335,28 @@ class Fastlb(Service):
     start_timeout = 20.0  # Python start-up + fork of worker and control process
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "fastlb", "serve"]
+        plain = ", ".join(f'"{HOST}:{p}"' for p in BACKEND_PORTS)
+        tls = ", ".join(f'"{HOST}:{p}"' for p in BACKEND_TLS_PORTS)
+        (self.dir / "fastlb.toml").write_text(f"""
+[[routes]]
+path = "/"
+backend = "default"
+
+[[routes]]
+path = "{REENCRYPT_PATH}"
+backend = "reencrypt"
+
+[backends.default]
+servers = [{plain}]
+
+[backends.reencrypt]
+servers = [{tls}]
+
+[backends.reencrypt.tls]
+ca = "{self.cert}"
+server_name = "localhost"
+""")
+        return [sys.executable, "-m", "fastlb", "serve", "--config", str(self.dir / "fastlb.toml")]
 
     def env(self) -> dict[str, str]:
         # Drop inherited FASTLB_* (e.g. FASTLB_CONFIG) so that only the settings below shape the topology.
@@ -331,7 +367,6 @@ class Fastlb(Service):
             FASTLB_TLS_LISTEN=f"{HOST}:{TLS_PORT}",
             FASTLB_TLS_CERT=str(self.cert),
             FASTLB_TLS_KEY=str(self.key),
-            FASTLB_BACKENDS=",".join(f"{HOST}:{p}" for p in BACKEND_PORTS),
             FASTLB_ADMIN_LISTEN=f"{HOST}:{ADMIN_PORT}",
         )
         # The fastlb that is installed (`pip install .` or `-e .`), run from a scratch directory: putting
@@ -347,11 +382,18 @@ class Nginx(Service):
 
     def command(self) -> list[str]:
         servers = "\n".join(f"        server {HOST}:{p};" for p in BACKEND_PORTS)
+        tls_servers = "\n".join(f"        server {HOST}:{p};" for p in BACKEND_TLS_PORTS)
         conf = f"""{self.nginx_common()}
 http {{
 {self.nginx_http_common()}
     upstream backends {{
 {servers}
+        keepalive 64;
+        keepalive_requests 1000000;
+        keepalive_timeout 300s;
+    }}
+    upstream tls_backends {{
+{tls_servers}
         keepalive 64;
         keepalive_requests 1000000;
         keepalive_timeout 300s;
@@ -378,6 +420,20 @@ http {{
             # (HAProxy and fastlb stream through memory, disk writes would only handicap nginx).
             proxy_max_temp_file_size 0;
         }}
+        location {REENCRYPT_PATH} {{
+            proxy_pass https://tls_backends;
+            proxy_ssl_session_reuse on;
+            proxy_ssl_verify on;
+            proxy_ssl_trusted_certificate {self.cert};
+            proxy_ssl_name localhost;
+            proxy_ssl_server_name on;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Port $server_port;
+        }}
     }}
 }}
 """
@@ -390,6 +446,10 @@ class Haproxy(Service):
 
     def command(self) -> list[str]:
         servers = "\n".join(f"    server b{i} {HOST}:{p}" for i, p in enumerate(BACKEND_PORTS, 1))
+        # ssl on a server line resumes its sessions by default (no-ssl-reuse turns that off).
+        tls_servers = "\n".join(
+            f"    server t{i} {HOST}:{p} ssl verify required ca-file {self.cert} sni str(localhost)"
+            for i, p in enumerate(BACKEND_TLS_PORTS, 1))
         conf = f"""global
     nbthread 1
     maxconn {MAX_CONNS}
@@ -414,11 +474,16 @@ frontend fe
     http-request set-header X-Forwarded-Proto https if {{ ssl_fc }}
     http-request set-header X-Forwarded-Proto http unless {{ ssl_fc }}
     http-request set-header X-Forwarded-Port %[dst_port]
+    use_backend be_tls if {{ path_beg {REENCRYPT_PATH} }}
     default_backend be
 
 backend be
     balance roundrobin
 {servers}
+
+backend be_tls
+    balance roundrobin
+{tls_servers}
 """
         path = self.dir / "haproxy.cfg"
         path.write_text(conf)
