@@ -450,3 +450,20 @@ def test_system_store_is_the_hashed_directory(tmp_path):
     if os.path.isdir(ssl.get_default_verify_paths().capath or ""):
         assert context.cert_store_stats()["x509_ca"] == 0  # nothing parsed up front
     assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+
+
+def test_sni_from_host_pools_by_name(fastlb, tmp_path, pki, tls_backends):
+    # A pooled connection verified for one Host never carries a request for another.
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "multi-ca.pem"))
+    cert = write_certificate(str(tmp_path), "multi", ["a.test", "b.test"], days_from_now(-1),
+                             days_from_now(30), ca=ca)
+    multi = tls_backends("multi", *cert)
+    lb = start(fastlb, tmp_path, {"app": (f'["{multi.address}"]', f'ca = "{tmp_path / "multi-ca.pem"}"\n'
+                                          "sni_from_host = true", "")})
+    conn = http.client.HTTPConnection("127.0.0.1", lb.port, timeout=10)
+    for host in ("a.test", "b.test", "a.test:8080", "b.test"):
+        conn.request("GET", "/app", headers={"Host": host})
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (200, b"multi")
+    assert sorted((c["sni"], c["requests"]) for c in multi.connections) == [("a.test", 2), ("b.test", 2)]
