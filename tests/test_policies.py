@@ -149,7 +149,7 @@ def test_bcrypt_runs_off_the_event_loop(fastlb, backends, tmp_path, pems):
     lb = serve(fastlb, tmp_path, pems, routes, {"app": [app]})
     wrong = {"Authorization": "Basic YWxpY2U6d3Jvbmc="}
     start = time.monotonic()
-    guesses = [threading.Thread(target=get, args=(lb, "http", "/private", wrong)) for _ in range(2)]
+    guesses = [threading.Thread(target=get, args=(lb, "http", "/private", wrong))]
     for t in guesses:
         t.start()
     time.sleep(0.05)
@@ -159,8 +159,7 @@ def test_bcrypt_runs_off_the_event_loop(fastlb, backends, tmp_path, pems):
         assert get(lb, "http", "/open").status == 200
         served.append(time.monotonic() - before)
     hashing = time.monotonic() - start
-    # In the loop, the hashes would run one after the other and let an /open request through only
-    # between them: a handful in all.
+    # In the loop, the hash would let no /open request through until it is done.
     assert hashing > 0.3 and len(served) >= 20, (hashing, len(served))
 
 
@@ -226,7 +225,7 @@ backend = "app"
 rate_limit = { rate = "100/s", burst = 20 }
 '''
     lb = serve(fastlb, tmp_path, pems, routes, {"app": [app]}, workers=workers)
-    allowed, elapsed = _hammer(lb, 2.0, 8)
+    allowed, elapsed = _hammer(lb, 1.5, 8)
     expected = 20 + 100 * elapsed
     # Per worker buckets would allow up to `workers` times this.
     assert abs(allowed - expected) <= 0.1 * expected, (allowed, expected)
