@@ -17,6 +17,7 @@ from tlsutil import make_pems
 from fastlb import _core_py, config, core
 from fastlb.lb import ingress
 from fastlb.policy.headers import Head, field_name, field_value, rewrite_path
+from fastlb.policy.ratelimit import RateLimiter
 
 SCHEMES = ["http", "https"]
 
@@ -190,6 +191,20 @@ rate_limit = { rate = "1/m", burst = 1, key = "header:X-User" }
     assert client.get("/by-user", {"X-User": "b"}).status == 200
     assert client.get("/by-user").status == 200
     assert client.get("/by-user").status == 429
+
+
+@pytest.mark.parametrize("key,head,expected", [
+    ("cookie:sid", b"Cookie: a=1; sid=xyz; b=2\r\n", b"cxyz"),
+    ("cookie:sid", b"Cookie: xsid=1; sidx=2\r\n", b"i10.0.0.1"),
+    ("cookie:sid", b"", b"i10.0.0.1"),
+    ("header:X-User", b"x-user:  alice \r\n", b"halice"),
+    ("header:X-User", b"X-Other: alice\r\n", b"i10.0.0.1"),
+    ("client_ip", b"X-User: alice\r\n", b"i10.0.0.1"),
+])
+def test_rate_limit_keys(key, head, expected):
+    limiter = RateLimiter(config.RateLimitSpec(rate=1.0, burst=1, key=config._check_rate_key(key), max_keys=9))
+    assert len(limiter.table) == 16  # max_keys rounded up to a power of two
+    assert limiter.key(b"10.0.0.1", b"GET / HTTP/1.1\r\nHost: h\r\n" + head + b"\r\n") == expected
 
 
 def _hammer(lb, seconds: float, connections: int) -> tuple[int, float]:
