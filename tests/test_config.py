@@ -467,7 +467,7 @@ FILE_ERRORS = [
     ('[backends.web]\nservers = ["127.0.0.1:1"]\npath = "/health"\n', "backends.web.path",
      "unknown key (did you mean [backends.web.health] path?)"),
     ('[[listeners]]\naddress = ":1"\nssl = true\n', "listeners[0].ssl", "unknown key"),
-    ('[[routes]]\nbackend = "api"\nprefix = "/"\n', "routes[1].prefix", "unknown key"),
+    ('[[routes]]\nbackend = "api"\nprefix = "/"\n', "routes[1].prefix", "unknown key (did you mean 'rewrite_prefix'?)"),
     ('[backends.web]\nservers = [{ address = "127.0.0.1:1", wieght = 2 }]\n', "backends.web.servers[0].wieght",
      "unknown key (did you mean 'weight'?)"),
     # wrong types
@@ -940,6 +940,7 @@ def test_every_env_key_is_read(confdir: Path, name: str) -> None:
         "FASTLB_TLS_CLIENT_AUTH_CRL": "other.pem",
         "FASTLB_ACME_DIRECTORY": "https://ca.test/dir", "FASTLB_ACME_DIRECTORY_CA": "other.pem",
         "FASTLB_ACME_CHALLENGE": "tls-alpn-01",
+        "FASTLB_HOOKS_MODULE": "json",  # any importable module: it is imported at load
     }
     base = {"FASTLB_BACKENDS": "127.0.0.1:1", "FASTLB_TLS_CERT": "site.pem", "FASTLB_TLS_KEY": "site.key"}
     if name.startswith("FASTLB_TLS_CLIENT_AUTH_") and name != "FASTLB_TLS_CLIENT_AUTH_CA":
