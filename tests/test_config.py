@@ -941,10 +941,17 @@ def test_every_env_key_is_read(confdir: Path, name: str) -> None:
         "FASTLB_ACME_DIRECTORY": "https://ca.test/dir", "FASTLB_ACME_DIRECTORY_CA": "other.pem",
         "FASTLB_ACME_CHALLENGE": "tls-alpn-01",
         "FASTLB_HOOKS_MODULE": "json",  # any importable module: it is imported at load
+        "FASTLB_BACKENDS_TLS_ENABLED": "on", "FASTLB_BACKENDS_TLS_CA": "other.pem",
+        "FASTLB_BACKENDS_TLS_VERIFY": "off", "FASTLB_BACKENDS_TLS_SERVER_NAME": "api.internal",
+        "FASTLB_BACKENDS_TLS_SNI_FROM_HOST": "on", "FASTLB_BACKENDS_TLS_CERT": "other.pem",
+        "FASTLB_BACKENDS_TLS_KEY": "other.key", "FASTLB_BACKENDS_TLS_MIN_VERSION": "1.3",
+        "FASTLB_BACKENDS_TLS_ALPN": "http/1.0",
     }
     base = {"FASTLB_BACKENDS": "127.0.0.1:1", "FASTLB_TLS_CERT": "site.pem", "FASTLB_TLS_KEY": "site.key"}
     if name.startswith("FASTLB_TLS_CLIENT_AUTH_") and name != "FASTLB_TLS_CLIENT_AUTH_CA":
         base["FASTLB_TLS_CLIENT_AUTH_CA"] = "site.pem"  # the table's required key
+    if name in ("FASTLB_BACKENDS_TLS_CERT", "FASTLB_BACKENDS_TLS_KEY"):
+        base.update(FASTLB_BACKENDS_TLS_CERT="site.pem", FASTLB_BACKENDS_TLS_KEY="site.key")  # a pair
     value = samples.get(name, "7")
     assert load(None, {**base, name: value}) != load(None, base)
 
