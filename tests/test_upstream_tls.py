@@ -200,10 +200,13 @@ def start(fastlb, tmp_path, backends, extra="", workers="1"):
     return lb
 
 
-def test_verified_backend_resumes_its_sessions(fastlb, tmp_path, pki, tls_backends):
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_verified_backend_resumes_its_sessions(fastlb, tmp_path, pki, tls_backends, version):
     # Every request is a new upstream connection (the backend closes it): after the first full
-    # handshake each one resumes the session the previous one brought (TLS 1.3 ticket).
+    # handshake each one resumes the session the previous one brought (a TLS 1.3 or 1.2 ticket).
     good = tls_backends("good", *pki["good"], close=True)
+    if version == "1.2":
+        good.context.maximum_version = ssl.TLSVersion.TLSv1_2
     lb = start(fastlb, tmp_path, {"app": (f'["{good.address}"]', f'ca = "{pki["ca"]}"\nserver_name = "{NAME}"', "")})
     for _ in range(6):
         status, body, conn = get(lb.port, "/app")
@@ -383,13 +386,20 @@ def test_send_proxy_to_haproxy_accept_proxy(fastlb, backends, tmp_path, pki, ver
     try:
         wait_port(port)
         tls_table = f'ca = "{pki["ca"]}"\nserver_name = "{NAME}"' if tls else None
-        lb = start(fastlb, tmp_path, {"app": (f'["127.0.0.1:{port}"]', tls_table, f'send_proxy = "{version}"')})
+        # Health checks send a header too (the check's own addresses), or HAProxy would refuse them.
+        more = f'send_proxy = "{version}"\n[backends.app.health]\npath = "/health"\ninterval = "100ms"'
+        lb = start(fastlb, tmp_path, {"app": (f'["127.0.0.1:{port}"]', tls_table, more)})
+        deadline = time.monotonic() + 5
+        while status_of(lb.admin, f"127.0.0.1:{port}")["last_check"] != "status 200":
+            assert time.monotonic() < deadline, status_of(lb.admin, f"127.0.0.1:{port}")
+            time.sleep(0.05)
         for source in ("127.0.0.2", "127.0.0.3"):
             status, _, conn = get(lb.port, "/app", source)
             assert status == 200
             conn.close()
         # HAProxy adds its own X-Forwarded-For field, last, from the address the PROXY header gave it.
-        forwarded = [[v for k, v in r["headers"] if k.lower() == "x-forwarded-for"] for r in backend.records()]
+        forwarded = [[v for k, v in r["headers"] if k.lower() == "x-forwarded-for"] for r in backend.records()
+                     if r["target"] == "/app"]
         assert [f[-1] for f in forwarded] == ["127.0.0.2", "127.0.0.3"], forwarded
     finally:
         proxy.send_signal(signal.SIGTERM)
