@@ -477,3 +477,19 @@ def test_sni_from_host_pools_by_name(fastlb, tmp_path, pki, tls_backends):
         response = conn.getresponse()
         assert (response.status, response.read()) == (200, b"multi")
     assert sorted((c["sni"], c["requests"]) for c in multi.connections) == [("a.test", 2), ("b.test", 2)]
+
+
+def test_send_proxy_keeps_one_private_connection_per_server(fastlb, tmp_path, pki, tls_backends):
+    # Round robin over two servers: the client's connection keeps one idle private connection to each.
+    first = tls_backends("first", *pki["good"], proxy=True)
+    second = tls_backends("second", *pki["good"], proxy=True)
+    lb = start(fastlb, tmp_path, {"app": (f'["{first.address}", "{second.address}"]',
+                                          f'ca = "{pki["ca"]}"\nserver_name = "{NAME}"', 'send_proxy = "v1"')})
+    conn = None
+    bodies = []
+    for _ in range(6):
+        status, body, conn = get(lb.port, "/app", "127.0.0.4", conn)
+        bodies.append(body)
+    assert sorted(bodies) == ["first"] * 3 + ["second"] * 3
+    for backend in (first, second):
+        assert [(c["proxy"][0], c["requests"]) for c in backend.connections] == [("127.0.0.4", 3)]

@@ -18,7 +18,7 @@ cdef int U_IDLE, U_HEAD, U_LENGTH, U_CHUNKED, U_UNTIL_CLOSE, U_TUNNEL, U_CLOSED
 cdef int PAUSE_UPSTREAM, PAUSE_BODY, PAUSE_PIPELINE, PAUSE_UPGRADE, PAUSE_FAILED
 cdef frozenset _IDEMPOTENT
 cdef bytes _CHUNK_END, _HEAD_END
-cdef Py_ssize_t _BODY_BUFFER_CAP, _RESPONSE_HEAD_FACTOR
+cdef Py_ssize_t _BODY_BUFFER_CAP, _RESPONSE_HEAD_FACTOR, _MAX_PRIVATE
 cdef int _IDLE, _HEADER, _BODY
 
 cdef bint _bare_cr_or_lf(bytearray buf, Py_ssize_t start) except -1
@@ -73,7 +73,7 @@ cdef class ClientConnection:
     cdef public object held, tunnel, tls_version
     cdef public bytes client_cert, xfcc
     cdef public int failed
-    cdef public UpstreamConnection private
+    cdef public list private
 
     cdef void _to(self, int state) except *
     cdef void _partial_head(self, bytes data, Py_ssize_t pos, double now) except *
@@ -121,7 +121,7 @@ cdef class Exchange:
     cpdef void start(self) except *
     @cython.locals(balancer=Balancer, server=Server)
     cpdef void try_next(self) except *
-    @cython.locals(client=ClientConnection, conn=UpstreamConnection)
+    @cython.locals(client=ClientConnection, conn=UpstreamConnection, private=list)
     cdef void use(self, Server server, bint pooled) except *
     @cython.locals(server=Server)
     cpdef void release_server(self) except *

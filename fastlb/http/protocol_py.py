@@ -157,6 +157,8 @@ _HEAD_END = b"\r\n\r\n"
 # Body bytes held per exchange while its upstream connection is being opened; past this the client
 # is paused, so memory per connection stays bounded whatever the body size.
 _BODY_BUFFER_CAP = 64 * 1024
+# Idle send_proxy connections one client connection keeps (see ClientConnection.private).
+_MAX_PRIVATE = 5
 # A response head may be 4x the request limits (Set-Cookie heavy responses).
 _RESPONSE_HEAD_FACTOR = 4
 
@@ -255,9 +257,9 @@ class ClientConnection:
         self.tunnel = None
         self.tls_version = None
         self.failed = 0           # status of a bad pipelined request, answered after the ones before it
-        # An idle upstream connection that carries this client's address in its PROXY header
+        # Idle upstream connections that carry this client's address in their PROXY header
         # (send_proxy): private to this client, never pooled for another (fastlb/net/upstream_tls.py).
-        self.private = None
+        self.private = None       # list, oldest first, at most _MAX_PRIVATE
         self.client_cert = None   # DER of the client's verified certificate (mTLS)
         self.xfcc = None          # its X-Forwarded-Client-Cert field line, added to every upstream head
 
@@ -582,8 +584,9 @@ class ClientConnection:
                     ex.upstream = None
         self.active = self.incoming = self.queue = None
         if self.private is not None:
-            conn, self.private = self.private, None
-            conn.transport.close()
+            private, self.private = self.private, None
+            for conn in private:
+                conn.transport.close()
 
     @property
     def closed(self) -> bool:
@@ -763,12 +766,15 @@ class Exchange:
         server.active += 1
         if pooled:
             client = self.client
-            conn = client.private
-            if conn is not None and conn.server is server:
-                client.private = None
-                if not conn.transport.is_closing():
-                    conn.attach(self, True)
-                    return
+            private = client.private
+            if private is not None:
+                for conn in private:
+                    if conn.server is server:
+                        private.remove(conn)
+                        if not conn.transport.is_closing():
+                            conn.attach(self, True)
+                            return
+                        break
             idle = server.idle
             link = server.link
             if link is not None and link.sni_from_host:
@@ -1127,8 +1133,8 @@ class UpstreamConnection:
                 self.refused = True
             owner = self.owner
             if owner is not None:
-                if owner.private is self:
-                    owner.private = None
+                if owner.private is not None and self in owner.private:
+                    owner.private.remove(self)
                 return
             idle = self.server.idle
             if self in idle:
@@ -1198,11 +1204,14 @@ class UpstreamConnection:
             if self.owner is None:
                 self.server.idle.append(self)
             elif client.state != C_CLOSED:
-                # send_proxy: kept for this client's next request only.
-                old = client.private
-                client.private = self
-                if old is not None:
-                    old.transport.close()
+                # send_proxy: kept for this client's next requests only, one per server, a few at most
+                # (HAProxy's max-session-srv-conns, 5 by default).
+                private = client.private
+                if private is None:
+                    client.private = private = []
+                private.append(self)
+                if len(private) > _MAX_PRIVATE:
+                    private.pop(0).transport.close()
             else:
                 self._to(U_CLOSED)
                 self.transport.close()

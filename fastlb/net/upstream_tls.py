@@ -27,8 +27,9 @@ Theory of operation
    server.
 5. PROXY protocol (`send_proxy`): the header is the first bytes on the connection, before the TLS
    ClientHello, so such a connection is opened raw, the header written, then `loop.start_tls` runs
-   the handshake. It carries one client's address, so it is private to that client connection and
-   never pooled for anyone else (see `ClientConnection.private` in protocol_py.py).
+   the handshake. It carries one client's address, so it is private to that client connection (one
+   per server, a few at most) and never pooled for anyone else (`ClientConnection.private` in
+   fastlb/http/protocol_py.py).
 """
 
 from __future__ import annotations
