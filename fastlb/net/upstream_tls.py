@@ -26,8 +26,7 @@ Theory of operation
    or from the alert the server sent, counts it per backend and logs it, at most once a second per
    server.
 5. PROXY protocol (`send_proxy`): the header is the first bytes on the connection, before the TLS
-   ClientHello, so such a connection is opened raw, the header written, then `loop.start_tls` runs
-   the handshake. It carries one client's address, so it is private to that client connection (one
+   ClientHello (`BackendTls` writes it as soon as TCP is up, then starts the handshake). It carries one client's address, so it is private to that client connection (one
    per server, a few at most) and never pooled for anyone else (`ClientConnection.private` in
    fastlb/http/protocol_py.py).
 """
