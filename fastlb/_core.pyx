@@ -625,10 +625,10 @@ cdef int _request_line(const unsigned char *p, Py_ssize_t start, Py_ssize_t max_
         return 505  # HTTP/2 prior knowledge (RFC 9113 §3.4)
     if spaces != 2 or double_space:
         return 400  # RFC 9112 §3; one separator is malformed too, not HTTP/0.9 (issue 14 item 6)
+    if _bad_token(p + pos, sp1 - pos):
+        return 400  # before the length, as framing.request_start_problem refuses a method's first bad byte
     if n > max_request_line:
         return 414
-    if _bad_token(p + pos, sp1 - pos):
-        return 400
     for i in range(sp1 + 1, sp2):
         if p[i] <= 0x20 or p[i] >= 0x7F:
             return 400  # RFC 9112 §3.2: visible ASCII only

@@ -297,11 +297,15 @@ def _request_line(head, max_request_line):
     # target or version (or a tab for a space): malformed, not HTTP/0.9 (issue 14 item 6).
     if line.count(b" ") != 2 or b"  " in line:
         return 400, b"", b"", 0, 0
+    method, target, version = line.split(b" ")
+    # RFC 9112 §3.1: method = token, checked before the length as request_start_problem does (it
+    # refuses the first wrong byte of a method before the line is complete).
+    if _bad_name(method):
+        return 400, b"", b"", 0, 0
     if len(line) > max_request_line:
         return 414, b"", b"", 0, 0
-    method, target, version = line.split(b" ")
-    # RFC 9112 §3.1: method = token; §3.2: the target is visible ASCII.
-    if _bad_name(method) or len(target.translate(None, _NOT_VCHAR)) != len(target):
+    # RFC 9112 §3.2: the target is visible ASCII.
+    if len(target.translate(None, _NOT_VCHAR)) != len(target):
         return 400, b"", b"", 0, 0
     # RFC 9112 §2.3: HTTP-version = "HTTP/" DIGIT "." DIGIT, case-sensitive.
     if len(version) != 8 or not version.startswith(b"HTTP/") or version[6] != 0x2E \
