@@ -945,7 +945,7 @@ def test_every_env_key_is_read(confdir: Path, name: str) -> None:
         "FASTLB_BACKENDS_TLS_VERIFY": "off", "FASTLB_BACKENDS_TLS_SERVER_NAME": "api.internal",
         "FASTLB_BACKENDS_TLS_SNI_FROM_HOST": "on", "FASTLB_BACKENDS_TLS_CERT": "other.pem",
         "FASTLB_BACKENDS_TLS_KEY": "other.key", "FASTLB_BACKENDS_TLS_MIN_VERSION": "1.3",
-        "FASTLB_BACKENDS_TLS_ALPN": "http/1.0",
+        "FASTLB_BACKENDS_TLS_ALPN": "http/1.0", "FASTLB_SERVER_WATCH": "on",
     }
     base = {"FASTLB_BACKENDS": "127.0.0.1:1", "FASTLB_TLS_CERT": "site.pem", "FASTLB_TLS_KEY": "site.key"}
     if name.startswith("FASTLB_TLS_CLIENT_AUTH_") and name != "FASTLB_TLS_CLIENT_AUTH_CA":
