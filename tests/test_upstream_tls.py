@@ -447,8 +447,9 @@ def test_broken_files_refuse_the_config(tmp_path, pki, tls, key):
     with pytest.raises(config.ConfigError) as info:
         upstream_tls.build_contexts(cfg)
     assert info.value.key == key, str(info.value)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTLB_") or k == "FASTLB_NO_EXTENSIONS"}
     result = subprocess.run(["python", "-m", "fastlb", "check", str(tmp_path / "check.toml")],
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, env=env)
     assert result.returncode == 1 and key in result.stderr, result.stderr
 
 
