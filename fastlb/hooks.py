@@ -17,8 +17,9 @@ The names below are a contract: user code written against the README keeps worki
 - ``req.method``, ``req.path``, ``req.query``, ``req.host`` (str; host None when absent);
   ``req.headers.get(name, default=None)``: read-only, case-insensitive (the head as it goes upstream);
   ``req.client_ip``: the client after the PROXY protocol and trusted proxies;
-  ``req.tls_version`` ("TLSv1.3"), ``req.client_cert`` (DER of the verified client certificate,
-  with [tls.client_auth]): None on plain listeners.
+  ``req.tls_version`` ("TLSv1.3"), ``req.sni`` (the server name the client sent, lower case, or None),
+  ``req.client_cert`` (DER of the verified client certificate, with [tls.client_auth]): None on plain
+  listeners.
 - ``req.set_header(name, value)``, ``req.remove_header(name)``: on the upstream request;
   ``req.path = "/new/path"`` rewrites the path (the query stays); ``req.backend = "name"`` sends the
   request to another configured backend.
@@ -149,6 +150,10 @@ class Request:
     @property
     def tls_version(self):
         return self._client.tls_version
+
+    @property
+    def sni(self):
+        return self._client.sni
 
     @property
     def client_cert(self):

@@ -20,7 +20,7 @@ from fastlb.hooks import Response
 
 def on_request(req):
     req.set_header("X-Hooked", f"{req.method} {req.path} q={req.query} host={req.host} "
-                               f"ip={req.client_ip} tls={req.tls_version} via={req.backend}")
+                               f"ip={req.client_ip} tls={req.tls_version} sni={req.sni} via={req.backend}")
     if req.headers.get("x-deny") == "yes":
         return Response(403, b"denied by a hook\\n", {"X-Why": "hook"})
     return None
@@ -117,10 +117,10 @@ def test_request_and_response_hooks_see_and_change_the_request(hooked, scheme):
     lb, app, other = hooked
     r = get(lb, scheme, "/x?a=1")
     assert r.status == 200
-    tls = "TLSv1.3" if scheme == "https" else "None"
+    tls, sni = ("TLSv1.3", "localhost") if scheme == "https" else ("None", "None")
     port = lb.tls_port if scheme == "https" else lb.port
     assert header(app.records()[-1], "X-Hooked") == (
-        f"GET /x q=a=1 host=localhost:{port} ip=127.0.0.1 tls={tls} via=app")
+        f"GET /x q=a=1 host=localhost:{port} ip=127.0.0.1 tls={tls} sni={sni} via=app")
     assert r.headers["X-Status-Seen"] == "200"
     assert r.headers["X-Backend"] is None  # removed by on_response
 

@@ -20,7 +20,7 @@ cdef class Front:
     cdef public int state
     cdef public object sslobj, incoming, outgoing
     cdef bytes buffer
-    cdef public object peer, local
+    cdef public object peer, local, sni
     cdef public double deadline
     cdef public bint paused, closing
 

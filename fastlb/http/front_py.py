@@ -18,8 +18,9 @@ body: stdlib `ssl` cannot turn on read-ahead) and needs one more that fails with
       │                 └──SNI of a [[listeners.passthrough]] entry──▶ SPLICE
       └─(plain listener)──header──▶ OPEN                  any ──refused, timeout, reset──▶ CLOSED
 
-PROXY is skipped without `proxy_protocol`, HELLO without passthrough entries or an ACME TLS-ALPN-01
-challenge to answer (the ClientHello is then parsed by OpenSSL alone).  A refused handshake sends the
+PROXY is skipped without `proxy_protocol`.  HELLO parses the ClientHello (`core.parse_client_hello`,
+0.3 microseconds compiled, once per connection) for the SNI passthrough and hooks see and the ALPN an ACME
+TLS-ALPN-01 challenge comes with; a malformed one is left to OpenSSL, which refuses it with its alert.  A refused handshake sends the
 alert OpenSSL wrote into the outgoing BIO, or, for plain HTTP sent to the TLS port, a 400 in plain
 HTTP as nginx does; either way the reason is counted in fastlb_tls_handshake_errors_total.
 """
@@ -79,6 +80,7 @@ class Front:
         self.outgoing = None
         self.buffer = b""         # bytes received before TLS or HTTP starts (PROXY header, ClientHello)
         self.peer = None          # (ip, port): the client, as the PROXY header says when there is one
+        self.sni = None           # the server name of a well-formed ClientHello
         self.local = None
         self.deadline = 0.0
         self.paused = False       # the ClientConnection asked to stop reading
@@ -169,17 +171,14 @@ class Front:
         self._begin(data[used:])
 
     def _begin(self, data: bytes) -> None:
-        listener = self.listener
         if self.context is None:
             self._open()
             if data:
                 self.app.data_received(data)
-        elif listener.passthrough is not None or self.worker.acme_alpn:
+        else:
             self.state = F_HELLO
             if data:
                 self._hello(data)
-        else:
-            self._start_tls(data, self.context)
 
     def _hello(self, data: bytes) -> None:
         status, sni, alpn = _parse_client_hello(data)
@@ -189,6 +188,7 @@ class Front:
         self.buffer = b""
         context = self.context
         if status == _HELLO_OK:
+            self.sni = sni  # for hooks (req.sni): the stdlib has no server-side getter for it
             passthrough = self.listener.passthrough
             if sni is not None and passthrough is not None:
                 sni = sni.rstrip(".")  # an absolute name (RFC 1034 section 3.1) is the same host
@@ -274,6 +274,7 @@ class Front:
         self.worker.fronts.discard(self)
         app = ClientConnection(self.worker, self.listener)
         self.app = app
+        app.sni = self.sni
         app.connection_made(self)
 
     # -- TLS records ------------------------------------------------------------------------------------

@@ -72,6 +72,7 @@ cdef class ClientConnection:
     cdef public int deadline_kind
     cdef public object held, tunnel, tls_version
     cdef public bytes client_cert, xfcc
+    cdef public object sni
     cdef public int failed
     cdef public list private
 

@@ -262,6 +262,7 @@ class ClientConnection:
         self.private = None       # list, oldest first, at most _MAX_PRIVATE
         self.client_cert = None   # DER of the client's verified certificate (mTLS)
         self.xfcc = None          # its X-Forwarded-Client-Cert field line, added to every upstream head
+        self.sni = None           # TLS: the server name the client asked for (set by the Front)
 
     def _to(self, state) -> None:
         if _DEBUG:
