@@ -1655,6 +1655,13 @@ def _env_table() -> dict[str, _EnvVar]:
             None,
         )
     )
+    add(
+        _EnvVar(
+            "FASTLB_DEBUG",
+            "1 = check every state transition of the data path, in both builds (slower; default 0)",
+            None,
+        )
+    )
     return table
 
 

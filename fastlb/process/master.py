@@ -193,9 +193,8 @@ class Master:
         metric, read while we can read the files."""
         if not any(spec.tls for spec in cfg.listeners):
             return {}, []
-        from fastlb.net.tls import build_server_context, carry_ticket_keys, certificate_facts
-
         from fastlb.acme import tls_to_serve
+        from fastlb.net.tls import build_server_context, carry_ticket_keys, certificate_facts
 
         tls = tls_to_serve(cfg, self.log, self.ids)  # acme = true: the certificate in storage, or a stand-in
         ctx = build_server_context(tls, cfg.source or "environment")
