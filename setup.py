@@ -11,8 +11,8 @@ import os
 from setuptools import Extension, setup
 
 # Pure-Python-mode modules compiled through their X_c.py symlink and X_c.pxd.
-PURE_MODE = ["fastlb.http.backend_tls_c", "fastlb.http.framing_c", "fastlb.http.front_c", "fastlb.http.protocol_c",
-             "fastlb.lb.backend_c", "fastlb.lb.balance_c", "fastlb.lb.router_c"]
+PURE_MODE = ["fastlb.http.framing_c", "fastlb.http.front_c", "fastlb.http.protocol_c",
+             "fastlb.lb.backend_c", "fastlb.lb.balance_c", "fastlb.lb.router_c", "fastlb.net.tlsbio_c"]
 
 ext_modules = []
 if os.environ.get("FASTLB_NO_EXTENSIONS") != "1":

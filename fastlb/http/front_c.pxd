@@ -2,11 +2,12 @@
 # fastlb's TLS layer as C calls (see front_py.py).
 cimport cython
 
+from fastlb.net.tlsbio_c cimport TlsBio
+
 cdef int F_PROXY, F_HELLO, F_HANDSHAKE, F_OPEN, F_SPLICE, F_CLOSED
-cdef Py_ssize_t _RECORD
 cdef bytes _ACME_TLS, _BODY, _NOT_TLS
 cdef tuple _HTTP_REQUEST
-cdef object _SSLWantReadError, _SSLZeroReturnError, _SSLError
+cdef object _SSLError
 cdef object _parse_proxy_header, _parse_client_hello
 cdef int _PROXY_MORE, _PROXY_BAD, _PROXY_OK, _HELLO_MORE, _HELLO_OK
 
@@ -16,13 +17,12 @@ cdef class Splice
 @cython.final
 cdef class Front:
     cdef public object worker, listener, context, raw, app
+    cdef public TlsBio tls
     cdef public Splice splice
     cdef public int state
-    cdef public object sslobj, incoming, outgoing
     cdef bytes buffer
     cdef public object peer, local, sni
     cdef public double deadline
-    cdef public bint paused, closing
 
     cdef void _proxy_header(self, bytes data) except *
     cdef void _begin(self, bytes data) except *
@@ -33,8 +33,6 @@ cdef class Front:
     cdef void _give_up(self, str reason) except *
     cdef void _count(self, str reason) except *
     cdef void _open(self) except *
-    cdef void _read(self) except *
-    cdef void _flush(self) except *
 
 
 @cython.final

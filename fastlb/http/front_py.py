@@ -30,6 +30,7 @@ from time import monotonic
 
 from fastlb import core
 from fastlb.http.protocol import ClientConnection
+from fastlb.net import tlsbio
 from fastlb.net.tls import handshake_failure_reason
 
 F_PROXY = 0
@@ -39,11 +40,7 @@ F_OPEN = 3
 F_SPLICE = 4
 F_CLOSED = 5
 
-# RFC 8446 section 5.1: a record carries at most 2^14 bytes of plaintext, so one read takes a record.
-_RECORD = 16384
 _ACME_TLS = b"acme-tls/1"  # RFC 8737 section 3
-_SSLWantReadError = ssl.SSLWantReadError
-_SSLZeroReturnError = ssl.SSLZeroReturnError
 _SSLError = ssl.SSLError
 _parse_proxy_header = core.parse_proxy_header
 _parse_client_hello = core.parse_client_hello
@@ -64,27 +61,23 @@ _NOT_TLS = b"".join((
 
 
 class Front:
-    """One accepted connection on a TLS or PROXY-protocol listener: protocol of the loop's transport,
-    transport of the ClientConnection (or of a passthrough Splice)."""
+    """One accepted connection on a TLS or PROXY-protocol listener: the protocol of the loop's transport.
+    Its `tls` (a TlsBio) is the ClientConnection's transport; a passthrough `splice` gets raw bytes."""
 
     def __init__(self, worker, listener, context):
         self.worker = worker
         self.listener = listener
         self.context = context    # the listener's SSLContext, None on a plain PROXY listener
         self.raw = None           # the loop's transport of the accepted socket
+        self.tls = None           # the TlsBio: OpenSSL's records (or the plain bytes), the app's transport
         self.app = None           # the ClientConnection once HTTP starts
         self.splice = None        # the Splice to a passthrough backend
         self.state = F_CLOSED
-        self.sslobj = None        # OpenSSL's connection (_ssl._SSLSocket) over the two BIOs
-        self.incoming = None
-        self.outgoing = None
         self.buffer = b""         # bytes received before TLS or HTTP starts (PROXY header, ClientHello)
         self.peer = None          # (ip, port): the client, as the PROXY header says when there is one
         self.sni = None           # the server name of a well-formed ClientHello
         self.local = None
         self.deadline = 0.0
-        self.paused = False       # the ClientConnection asked to stop reading
-        self.closing = False
 
     # -- the loop's transport calls these -------------------------------------------------------------
     def connection_made(self, transport):
@@ -108,16 +101,11 @@ class Front:
     def data_received(self, data):
         state = self.state
         if state == F_OPEN:
-            if self.sslobj is None:
-                self.app.data_received(data)
-                return
-            self.incoming.write(data)
-            if not self.paused:
-                self._read()
+            self.tls.feed(data)
         elif state == F_SPLICE:
             self.splice.send(data)
         elif state == F_HANDSHAKE:
-            self.incoming.write(data)
+            self.tls.incoming.write(data)
             self._handshake()
         elif state == F_PROXY:
             self._proxy_header(self.buffer + data)
@@ -172,9 +160,10 @@ class Front:
 
     def _begin(self, data: bytes) -> None:
         if self.context is None:
+            self.tls = tlsbio.TlsBio(self.raw, None, self.peer, self.local)
             self._open()
             if data:
-                self.app.data_received(data)
+                self.tls.feed(data)
         else:
             self.state = F_HELLO
             if data:
@@ -211,28 +200,20 @@ class Front:
 
     def _start_tls(self, data: bytes, context) -> None:
         self.state = F_HANDSHAKE
-        self.incoming = ssl.MemoryBIO()
-        self.outgoing = ssl.MemoryBIO()
-        # The C object under ssl.SSLObject: its methods are called per record, and SSLObject's are
-        # Python wrappers around them.  No owner: the SNI callback then receives this object itself.
-        self.sslobj = context._wrap_bio(self.incoming, self.outgoing, server_side=True, server_hostname=None)
+        self.tls = tlsbio.TlsBio(self.raw, None, self.peer, self.local)
+        self.tls.wrap(context, True, None, None)
         if data:
-            self.incoming.write(data)
+            self.tls.incoming.write(data)
             self._handshake()
 
     def _handshake(self) -> None:
         try:
-            self.sslobj.do_handshake()
-        except _SSLWantReadError:
-            self._flush()
-            return
+            if not self.tls.shake():
+                return
         except (_SSLError, ValueError) as exc:
             self._refuse(handshake_failure_reason(exc), getattr(exc, "reason", None) in _HTTP_REQUEST)
             return
-        self._flush()  # the Finished flight and the session ticket (RFC 8446 section 4.6.1)
-        self._open()
-        if self.incoming.pending:
-            self._read()  # application data that came with the client's Finished
+        self._open()  # shake() sent the Finished flight and the session ticket (RFC 8446 section 4.6.1)
 
     def _refuse(self, reason: str, plain_http: bool) -> None:
         """The handshake failed: send what OpenSSL wrote (the alert), count why, close."""
@@ -240,7 +221,7 @@ class Front:
         if plain_http:
             self.raw.write(_NOT_TLS)
         else:
-            self._flush()
+            self.tls._flush()  # the alert
         self.state = F_CLOSED
         self.worker.fronts.discard(self)
         self.raw.close()
@@ -275,96 +256,8 @@ class Front:
         app = ClientConnection(self.worker, self.listener)
         self.app = app
         app.sni = self.sni
-        app.connection_made(self)
-
-    # -- TLS records ------------------------------------------------------------------------------------
-    def _read(self) -> None:
-        sslobj = self.sslobj
-        incoming = self.incoming
-        app = self.app
-        while True:
-            try:
-                data = sslobj.read(_RECORD)
-            except _SSLWantReadError:
-                break
-            except _SSLZeroReturnError:
-                # close_notify (RFC 8446 section 6.1): the client's end of the stream.
-                if not app.eof_received():
-                    self.close()
-                return
-            except _SSLError:
-                self.abort()  # a record that fails to decrypt: the stream is broken
-                return
-            app.data_received(data)
-            if self.state != F_OPEN or self.paused:
-                return
-            if not incoming.pending and not sslobj.pending():
-                break
-        if self.outgoing.pending:
-            self._flush()  # e.g. the answer to a TLS 1.3 KeyUpdate
-
-    def _flush(self) -> None:
-        if self.outgoing.pending:
-            self.raw.write(self.outgoing.read())
-
-    # -- what the ClientConnection calls (asyncio's transport interface) --------------------------------
-    def write(self, data) -> None:
-        if self.sslobj is None:
-            self.raw.write(data)
-        elif self.state == F_OPEN and data and not self.closing:
-            # A memory BIO takes all of it: SSL_write only returns early on a socket that would block.
-            # After our close_notify OpenSSL refuses to write, and so does a closing transport.
-            self.sslobj.write(data)
-            self.raw.write(self.outgoing.read())
-
-    def close(self) -> None:
-        if self.closing:
-            return
-        self.closing = True
-        if self.sslobj is not None and self.state == F_OPEN:
-            # Our close_notify (RFC 8446 section 6.1), without waiting for the client's, as nginx does.
-            try:
-                self.sslobj.shutdown()
-            except (_SSLError, ValueError):
-                pass
-            self._flush()
-        self.raw.close()
-
-    def abort(self) -> None:
-        self.closing = True
-        self.raw.abort()
-
-    def is_closing(self) -> bool:
-        return self.closing or self.raw.is_closing()
-
-    def pause_reading(self) -> None:
-        self.paused = True
-        self.raw.pause_reading()
-
-    def resume_reading(self) -> None:
-        self.paused = False
-        self.raw.resume_reading()
-        if self.sslobj is not None and self.state == F_OPEN and (self.incoming.pending or self.sslobj.pending()):
-            # Records already received: read them on the next loop pass, not inside the caller.
-            self.worker.loop.call_soon(self._resume_read)
-
-    def _resume_read(self) -> None:
-        if self.state == F_OPEN and not self.paused:
-            self._read()
-
-    def get_write_buffer_size(self):
-        return self.raw.get_write_buffer_size()
-
-    def get_extra_info(self, name, default=None):
-        if name == "ssl_object":
-            return self.sslobj
-        if name == "peername":
-            return self.peer
-        if name == "sockname":
-            return self.local
-        if name == "sslcontext":
-            return self.context
-        return self.raw.get_extra_info(name, default)
+        self.tls.app = app
+        self.tls.open()  # app.connection_made, then any application data that came with the Finished
 
 
 class Splice:
@@ -395,7 +288,7 @@ class Splice:
             key = backend.hash_key(b"", self.front.peer[0].encode(), b"/")
         server = backend.balancer.pick(self.tried, key)
         if server is None or len(self.tried) > backend.spec.retries:
-            self.front.abort()  # no TLS of ours to send an alert with: the client sees a reset
+            self.front.raw.abort()  # no TLS of ours to send an alert with: the client sees a reset
             return
         self.tried += (server,)
         self.server = server

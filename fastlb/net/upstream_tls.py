@@ -12,7 +12,7 @@ Theory of operation
    (`link_servers`): its context, the name sent as SNI and verified (RFC 6066 section 3, RFC 6125), the
    PROXY protocol version, and the metrics indices. `Server.link` is None for plain servers, so the data
    path (fastlb/http/protocol_py.py `connect`) pays one `is None` test for them.
-3. TLS itself is fastlb's own layer over the loop's TCP transport (fastlb/http/backend_tls_py.py,
+3. TLS itself is fastlb's own layer over the loop's TCP transport (fastlb/net/tlsbio_py.py,
    compiled): uvloop's `create_connection(ssl=...)` costs more per request, has no `session=` argument
    and cannot put a PROXY header before the ClientHello.  Session resumption: each ServerLink keeps the
    last `ssl.SSLSession` of its server per name and hands it to `wrap_bio`, so a connection that has to
@@ -38,8 +38,8 @@ import ssl
 import time
 
 from fastlb import core
-from fastlb.http.backend_tls import BackendTls
 from fastlb.net import certs
+from fastlb.net.tlsbio import BackendTls
 
 __all__ = ["TLS_FAILURES", "ServerLink", "build_contexts", "failure", "link_servers", "unverified"]
 

@@ -1,1 +1,0 @@
-backend_tls_py.py

@@ -1,0 +1,1 @@
+tlsbio_py.py
