@@ -855,7 +855,7 @@ class BackendSpec:
 # Route policies and hooks (issue 17; fastlb/policy/, fastlb/hooks.py).
 
 # Fields fastlb frames the message or the connection with (RFC 9112 §6, RFC 9110 §7.6.1): a header rule
-# cannot touch them (fastlb/policy/headers.py refuses them the same way at run time).
+# cannot touch them (fastlb/heads.py refuses them the same way at run time).
 _PROTECTED_FIELDS = (
     "content-length", "transfer-encoding", "connection", "keep-alive", "te", "trailer", "upgrade",
     "proxy-connection",

@@ -35,7 +35,7 @@ import inspect
 import re
 import sys
 
-from fastlb.policy.headers import Head, field_name, field_value
+from fastlb.heads import Head, field_name, field_value
 
 __all__ = ["Headers", "HookError", "Request", "Response", "ResponseHead", "check_module", "resolve"]
 

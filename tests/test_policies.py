@@ -15,8 +15,9 @@ from policyutil import Client, get, header, metric, serve
 from tlsutil import make_pems
 
 from fastlb import _core_py, config, core
+from fastlb.heads import Head, field_name, field_value
 from fastlb.lb import ingress
-from fastlb.policy.headers import Head, field_name, field_value, rewrite_path
+from fastlb.policy.headers import rewrite_path
 from fastlb.policy.ratelimit import RateLimiter
 
 SCHEMES = ["http", "https"]

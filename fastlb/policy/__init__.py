@@ -27,9 +27,10 @@ import math
 from time import monotonic
 
 from fastlb import core, hooks
+from fastlb.heads import Head, field_name, field_value
 from fastlb.policy.access import Access
 from fastlb.policy.basicauth import BasicAuth
-from fastlb.policy.headers import Head, HeaderRules, field_name, field_value, rewrite_path
+from fastlb.policy.headers import HeaderRules, rewrite_path
 from fastlb.policy.ratelimit import RateLimiter
 
 __all__ = ["RouteRules", "RoutePolicy", "attach", "build", "hook_names"]
