@@ -1225,6 +1225,24 @@ cdef tuple _response(long long status, const unsigned char *rp, Py_ssize_t rl, _
     return 0, flags, head
 
 
+cdef extern from "<string.h>" nogil:
+    # A GNU extension (POSIX.1-2024 too) that glibc and musl have; pyconfig.h defines _GNU_SOURCE.
+    void *memmem(const void *haystack, size_t haystack_len, const void *needle, size_t needle_len)
+
+
+def head_end(data, start):
+    """See ``fastlb._core_py.head_end``."""
+    cdef Py_ssize_t s
+    if not isinstance(data, bytes):
+        raise TypeError("data must be bytes")
+    _check_int(start, 0, PyBytes_GET_SIZE(data), &s)
+    cdef const char *p = PyBytes_AS_STRING(data)
+    cdef const char *found = <const char *>memmem(p + s, <size_t>(PyBytes_GET_SIZE(data) - s), b"\r\n\r\n", 4)
+    if found == NULL:
+        return -1
+    return found - p + 4
+
+
 def find_field(data, start, end, name):
     """See ``fastlb._core_py.find_field``."""
     cdef Py_ssize_t s, e, i, k, v, ve, vs, n

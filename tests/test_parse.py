@@ -683,3 +683,33 @@ def test_find_field_twins_identical(compiled, data, name, cut):
     start = min(cut, len(data))
     args = (data, start, max(start, len(data) - cut), name)
     assert _outcome(compiled.find_field, *args) == _outcome(_core_py.find_field, *args)
+
+
+# --- head_end: where the protocol frames a head --------------------------------------------------------------
+
+
+def test_head_end(core):
+    data = b"GET / HTTP/1.1\r\n" + HOST + b"\r\nGET /2 HTTP/1.1\r\n\r\n"
+    first = core.head_end(data, 0)
+    assert data[:first].endswith(b"\r\n\r\n") and data[first:].startswith(b"GET /2")
+    assert core.head_end(data, first) == len(data)  # the pipelined one, from where the first ended
+    assert core.head_end(data, len(data)) == -1
+    assert core.head_end(b"\r\n\r", 0) == -1  # not yet: the last LF is in the next read
+    assert core.head_end(b"\r\n\r\n", 0) == 4
+    assert core.head_end(b"a\r\n\r\n\r\n\r\n", 2) == 7  # from start, never before it
+    for bad in ((bytearray(b"\r\n\r\n"), 0), (b"\r\n\r\n", 0.0)):
+        with pytest.raises(TypeError):
+            core.head_end(*bad)
+    for bad in (-1, 5):
+        with pytest.raises(OverflowError):
+            core.head_end(b"\r\n\r\n", bad)
+
+
+@settings_for(500)
+@given(data=st.lists(st.sampled_from([b"\r\n", b"\r", b"\n", b"\r\n\r\n", b"a", b"\x00"]), max_size=12).map(b"".join),
+       start=st.integers(-2, 30))
+def test_head_end_twins_identical(compiled, data, start):
+    assert _outcome(compiled.head_end, data, start) == _outcome(_core_py.head_end, data, start)
+    if 0 <= start <= len(data):
+        found = data.find(b"\r\n\r\n", start)
+        assert compiled.head_end(data, start) == (found + 4 if found >= 0 else -1)

@@ -66,6 +66,7 @@ _F_HTTP10 = core.F_HTTP10
 _F_AMBIGUOUS = core.F_AMBIGUOUS
 _parse_request = core.parse_request
 _parse_response = core.parse_response
+_head_end = core.head_end
 _ChunkedBody = framing.ChunkedBody
 _request_start_problem = framing.request_start_problem
 _CHUNKED_BAD = framing.CHUNKED_BAD
@@ -334,13 +335,13 @@ class ClientConnection:
         while pos < end:
             state = self.state
             if state == C_HEAD:
-                stop = data.find(_HEAD_END, pos)
+                stop = _head_end(data, pos)
                 if stop < 0:
                     self._partial_head(data, pos, now)
                     return
-                if not self._request(data, pos, stop + 4, now):
+                if not self._request(data, pos, stop, now):
                     return
-                pos = stop + 4
+                pos = stop
             elif state == C_BODY:
                 stop = end if end - pos <= self.body_left else pos + self.body_left
                 self.body_left -= stop - pos
@@ -993,16 +994,16 @@ class UpstreamConnection:
         while pos < end:
             state = self.state
             if state == U_HEAD:
-                stop = data.find(_HEAD_END, pos)
+                stop = _head_end(data, pos)
                 if stop < 0:
                     self.pending = bytearray(data[pos:] if pos else data)
                     if len(self.pending) > _RESPONSE_HEAD_FACTOR * self.shared.max_header_bytes:
                         self._fail_response("invalid")
                         return
                     break
-                if not self._head(data, pos, stop + 4, out):
+                if not self._head(data, pos, stop, out):
                     return
-                pos = stop + 4
+                pos = stop
             elif state == U_LENGTH:
                 stop = end if end - pos <= self.body_left else pos + self.body_left
                 self.body_left -= stop - pos
