@@ -37,44 +37,6 @@ import re
 import socket as _socket
 from http import HTTPStatus
 
-__all__ = [
-    "F_CONTENT_LENGTH",
-    "F_CHUNKED",
-    "F_EXPECT_CONTINUE",
-    "F_UPGRADE",
-    "F_CONN_CLOSE",
-    "F_CONN_KEEPALIVE",
-    "F_HAS_HOST",
-    "F_NO_BODY",
-    "F_UNTIL_CLOSE",
-    "F_HTTP10",
-    "F_AMBIGUOUS",
-    "request_head",
-    "response_head",
-    "parse_request",
-    "parse_response",
-    "find_field",
-    "head_end",
-    "hash64",
-    "maglev_table",
-    "maglev_lookup",
-    "HELLO_MORE",
-    "HELLO_OK",
-    "HELLO_NOT_TLS",
-    "HELLO_BAD",
-    "HELLO_MAX",
-    "parse_client_hello",
-    "PROXY_MORE",
-    "PROXY_OK",
-    "PROXY_LOCAL",
-    "PROXY_BAD",
-    "PROXY_V1_MAX",
-    "PP2_TYPE_CRC32C",
-    "parse_proxy_header",
-    "proxy_header_v1",
-    "proxy_header_v2",
-]
-
 # Flag bits returned by request_head/response_head. _core.pyx defines the same values (tested).
 F_CONTENT_LENGTH = 1  # exactly one, valid Content-Length
 F_CHUNKED = 2  # exactly one Transfer-Encoding, and it is "chunked"

@@ -115,7 +115,7 @@ def test_fastlb_core_exports_the_selected_twin():
     twin = importlib.import_module("fastlb._core" if fastlb_core.EXTENSION else "fastlb._core_py")
     for name in ("parse_client_hello", "HELLO_MORE", "HELLO_OK", "HELLO_NOT_TLS", "HELLO_BAD", "HELLO_MAX"):
         assert getattr(fastlb_core, name) is getattr(twin, name), name
-        assert name in fastlb_core.__all__ and name in _core_py.__all__, name
+        assert name in fastlb_core.__all__ and hasattr(_core_py, name), name
 
 def test_constants_are_the_twins(core):
     assert (core.HELLO_MORE, core.HELLO_OK, core.HELLO_NOT_TLS, core.HELLO_BAD) == (0, 1, 2, 3)

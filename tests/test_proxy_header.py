@@ -74,7 +74,7 @@ def test_fastlb_core_exports_the_selected_twin():
     for name in ("parse_proxy_header", "proxy_header_v1", "proxy_header_v2", "PROXY_MORE", "PROXY_OK",
                  "PROXY_LOCAL", "PROXY_BAD", "PROXY_V1_MAX", "PP2_TYPE_CRC32C"):
         assert getattr(fastlb_core, name) is getattr(twin, name), name
-        assert name in fastlb_core.__all__ and name in _core_py.__all__, name
+        assert name in fastlb_core.__all__ and hasattr(_core_py, name), name
 
 def test_constants(core):
     assert (core.PROXY_MORE, core.PROXY_OK, core.PROXY_LOCAL, core.PROXY_BAD) == (0, 1, 2, 3)
