@@ -12,18 +12,9 @@ import urllib.error
 import urllib.request
 
 from conftest import free_port
+from test_health import request
 
 from fastlb.process.notify import Notifier
-
-
-def get(port, path="/", headers=None, timeout=10):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, resp.getheader("X-Backend"), resp.read()
-    finally:
-        conn.close()
 
 
 def healthz(lb):
@@ -79,7 +70,7 @@ def test_notify_ready_reloading_stopping(backends, fastlb, tmp_path):
         lb = fastlb({"NOTIFY_SOCKET": notify.path}, args=["--config", str(cfg)], wait_ready=False)
         ready = notify.next()
         assert ready.get("READY") == "1" and "MAINPID" not in ready, (ready, lb.output)
-        assert get(lb.port)[:2] == (200, "b1"), "READY=1 before the workers serve"
+        assert request(lb.port)[:2] == (200, "b1"), "READY=1 before the workers serve"
         lb.wait_for("ready:")
 
         lb.proc.send_signal(signal.SIGHUP)
@@ -144,7 +135,7 @@ def test_term_answers_503_on_healthz_through_drain_delay_and_the_drain(backends,
     served = 0
     while time.monotonic() - term < 1.3:
         # New connections and requests are still served while the L4 balancer catches up.
-        assert get(lb.port, timeout=2)[:2] == (200, "b1")
+        assert request(lb.port, timeout=2)[:2] == (200, "b1")
         served += 1
         time.sleep(0.02)
     time.sleep(max(0.0, term + 1.8 - time.monotonic()))
@@ -191,14 +182,14 @@ def test_watch_reloads_on_a_configmap_swap_debounced_and_refuses_a_broken_one(ba
     mount.update({"fastlb.toml": config(b1.address)})
     lb = fastlb({"FASTLB_WORKERS": "1"}, args=["--config", str(mount.root / "fastlb.toml")])
     lb.wait_for("watch: reloading on changes in " + str(mount.root))
-    assert get(lb.port)[1] == "b1"
+    assert request(lb.port)[1] == "b1"
 
     changed = time.monotonic()
     mount.update({"fastlb.toml": config(b2.address)})
     lb.wait_for("reloaded: generation 1")
     took = time.monotonic() - changed
     assert "watch: ..data changed; reloading" in lb.output
-    settles_on(lambda: get(lb.port)[1], "b2")
+    settles_on(lambda: request(lb.port)[1], "b2")
 
     # Three updates within the debounce (the kubelet syncing a ConfigMap and a Secret one after the
     # other, say) and a file that is not an input: one reload, of the last update.
@@ -210,11 +201,11 @@ def test_watch_reloads_on_a_configmap_swap_debounced_and_refuses_a_broken_one(ba
     time.sleep(1.2)  # a second reload would come 1 s (DEBOUNCE) after a late event
     assert lb.output.count("; reloading") == 2, lb.output
     assert "unrelated.txt" not in lb.output
-    settles_on(lambda: get(lb.port)[1], "b3")
+    settles_on(lambda: request(lb.port)[1], "b3")
 
     mount.update({"fastlb.toml": config(b1.address).replace("servers", "servres")})
     lb.wait_for("reload failed, keeping the running config: ")
-    settles_on(lambda: get(lb.port)[1], "b3")
+    settles_on(lambda: request(lb.port)[1], "b3")
     print(f"\nwatch: a ConfigMap swap served {took:.2f} s later (debounce 1 s)")
 
 

@@ -24,9 +24,12 @@ from pathlib import Path
 import atheris
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, when not installed
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # tests/, for test_proxy_header's CRC-32C
 
 with atheris.instrument_imports():
     from fastlb import _core_py
+
+from test_proxy_header import crc32c  # noqa: E402
 
 from fastlb import _core  # noqa: E402  (compiled: no Python coverage to instrument)
 
@@ -52,15 +55,6 @@ def _v1(fdp):
     return line + _pick(fdp, ENDINGS)
 
 
-def _crc32c(data):
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc ^= byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ (0x82F63B78 & -(crc & 1))
-    return crc ^ 0xFFFFFFFF
-
-
 def _v2(fdp):
     ver_cmd = 0x21 if fdp.ConsumeIntInRange(0, 6) else fdp.ConsumeInt(1) & 0xFF
     fam = _pick(fdp, [0x11, 0x21, 0x00, 0x31, 0x12, 0x22, 0x32]) if fdp.ConsumeIntInRange(0, 6) else \
@@ -80,7 +74,7 @@ def _v2(fdp):
     size = len(rest) if fdp.ConsumeIntInRange(0, 8) else fdp.ConsumeIntInRange(0, 0xFFFF)
     header = bytearray(SIGNATURE + bytes([ver_cmd, fam]) + size.to_bytes(2, "big") + rest)
     if 0 <= crc_at <= len(header) - 4 and fdp.ConsumeBool():
-        header[crc_at:crc_at + 4] = _crc32c(bytes(header[:16 + size])).to_bytes(4, "big")
+        header[crc_at:crc_at + 4] = crc32c(bytes(header[:16 + size])).to_bytes(4, "big")
     return bytes(header)
 
 
