@@ -1225,11 +1225,6 @@ cdef tuple _response(long long status, const unsigned char *rp, Py_ssize_t rl, _
     return 0, flags, head
 
 
-cdef extern from "<string.h>" nogil:
-    # A GNU extension (POSIX.1-2024 too) that glibc and musl have; pyconfig.h defines _GNU_SOURCE.
-    void *memmem(const void *haystack, size_t haystack_len, const void *needle, size_t needle_len)
-
-
 def head_end(data, start):
     """See ``fastlb._core_py.head_end``."""
     cdef Py_ssize_t s
@@ -1237,10 +1232,17 @@ def head_end(data, start):
         raise TypeError("data must be bytes")
     _check_int(start, 0, PyBytes_GET_SIZE(data), &s)
     cdef const char *p = PyBytes_AS_STRING(data)
-    cdef const char *found = <const char *>memmem(p + s, <size_t>(PyBytes_GET_SIZE(data) - s), b"\r\n\r\n", 4)
-    if found == NULL:
-        return -1
-    return found - p + 4
+    cdef const char *end = p + PyBytes_GET_SIZE(data)
+    cdef const char *lf = p + s
+    # Every CRLFCRLF holds an LF second: memchr (SIMD in libc) walks the LFs, one per line, and the
+    # first one with CR before and CRLF after it ends the head (glibc's memmem took twice as long).
+    while True:
+        lf = <const char *>memchr(lf, c'\n', end - lf)
+        if lf == NULL or lf + 2 >= end:
+            return -1
+        if lf[1] == c'\r' and lf[2] == c'\n' and lf > p + s and lf[-1] == c'\r':
+            return lf + 3 - p
+        lf += 1
 
 
 def find_field(data, start, end, name):
