@@ -316,7 +316,9 @@ def test_sni_passthrough_splices_the_tls_stream_to_the_backend(fastlb, backends,
     tls_backend.start()
     listener = ["", "[[listeners.passthrough]]", 'sni = "pass.example"', 'backend = "secret"',
                 "", "[[listeners.passthrough]]", 'sni = "*.wild.example"', 'backend = "secret"']
-    extra = "\n".join(["[backends.secret]", f"servers = {q([f'127.0.0.1:{tls_backend.port}'])}",
+    # The first server refuses connections: a splice that meets it tries the next one (retries).
+    dead = f"127.0.0.1:{free_port()}"
+    extra = "\n".join(["[backends.secret]", f"servers = {q([dead, f'127.0.0.1:{tls_backend.port}'])}",
                        'send_proxy = "v2"', ""])
     lb = start(fastlb, tmp_path, pems, backend, listener=listener, extra=extra)
     port = lb.tls_port
@@ -357,6 +359,7 @@ def test_sni_passthrough_splices_the_tls_stream_to_the_backend(fastlb, backends,
                     and total(samples, "fastlb_passthrough_bytes_total", backend="secret", direction="out") > 600)
 
         wait_metric(lb, counted, "3 passthrough connections, bytes both ways")
+        assert total(scrape(lb), "fastlb_upstream_errors_total", backend="secret", kind="connect") >= 1
     finally:
         tls_backend.listener.close()
 

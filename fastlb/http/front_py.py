@@ -304,7 +304,11 @@ class Splice:
         if task.cancelled() or task.exception() is not None or self.transport is None \
                 or self.transport.is_closing():
             server.active -= 1
-            server.failed("timeout" if task.cancelled() else "connect", self.worker.shared.now)
+            kind = "timeout" if task.cancelled() else "connect"
+            self.worker.area[server.m_errors[kind]] += 1
+            if server.failed(kind, self.worker.shared.now):
+                self.worker.log.warning("%s/%s ejected after %d consecutive failures (last: %s)",
+                                        server.backend.name, server.name, server.backend.spec.max_fails, kind)
             if self.transport is not None:
                 self.transport.abort()
                 self.transport = None
