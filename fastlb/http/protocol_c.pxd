@@ -80,7 +80,7 @@ cdef class ClientConnection:
     cdef void _partial_head(self, bytes data, Py_ssize_t pos, double now) except *
     @cython.locals(shared=Shared)
     cdef Py_ssize_t _head_end(self, bytearray pending, bytes data) except -2
-    @cython.locals(shared=Shared, ex=Exchange, route=Route)
+    @cython.locals(shared=Shared, ex=Exchange, route=Route, status=int, flags=int, length="long long")
     cdef bint _request(self, bytes data, Py_ssize_t start, Py_ssize_t stop, double now) except -1
     @cython.locals(ex=Exchange)
     cdef bint _body(self, bytes data, Py_ssize_t size, double now) except -1
@@ -151,7 +151,7 @@ cdef class UpstreamConnection:
 
     cdef void _to(self, int state) except *
     cpdef void attach(self, Exchange ex, bint reused) except *
-    @cython.locals(server=Server, shared=Shared)
+    @cython.locals(server=Server, shared=Shared, status=int, flags=int, length="long long")
     cdef bint _head(self, bytes data, Py_ssize_t start, Py_ssize_t stop, list out) except -1
     cdef void _flush(self, list out) except *
     cdef void _complete(self, list out, bint dirty) except *
