@@ -494,3 +494,15 @@ def test_send_proxy_keeps_one_private_connection_per_server(fastlb, tmp_path, pk
     assert sorted(bodies) == ["first"] * 3 + ["second"] * 3
     for backend in (first, second):
         assert [(c["proxy"][0], c["requests"]) for c in backend.connections] == [("127.0.0.4", 3)]
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_proxy_header_drops_an_ipv6_zone(version):
+    # A link-local client (fe80::1%eth0 as the socket reports it): the header has no field for a zone,
+    # and core's generators refuse one; the server must still get the address.
+    from fastlb.net.upstream_tls import ServerLink
+
+    link = ServerLink("b", None, None, "b", False, version)
+    header = link.proxy_header(("fe80::1%eth0", 4000, 0, 2), ("fe80::2%eth0", 443, 0, 2))
+    status, used, src, sport, dst, dport, _ = core.parse_proxy_header(header)
+    assert (status, used, src, sport, dst, dport) == (core.PROXY_OK, len(header), "fe80::1", 4000, "fe80::2", 443)

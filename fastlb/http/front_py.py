@@ -319,11 +319,9 @@ class Splice:
             self.transport.close()
             return
         front = self.front
-        send_proxy = self.backend.spec.send_proxy
-        if send_proxy:
+        if server.link is not None and server.link.proxy:
             # Before any TLS byte: the server, or a balancer behind us, sees the real client.
-            build = core.proxy_header_v2 if send_proxy == "v2" else core.proxy_header_v1
-            self.transport.write(build(front.peer[0], front.peer[1], front.local[0], front.local[1]))
+            self.transport.write(server.link.proxy_header(front.peer, front.local))
         data = b"".join(self.pending)
         self.pending = None
         self.transport.write(data)

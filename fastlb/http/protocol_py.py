@@ -1269,7 +1269,9 @@ def connect(worker, server, ex) -> None:
         # client's address in its header is this client's alone.
         header = None
         if link.proxy:
-            header = link.proxy_header(ex.client.transport)
+            transport = ex.client.transport
+            header = link.proxy_header(transport.get_extra_info("peername"),
+                                       transport.get_extra_info("sockname"))
             conn.owner = ex.client
         if link.context is not None:
             conn.tls_name = link.name_for(ex.host)

@@ -194,14 +194,13 @@ class ServerLink:
             name = self.names[text] = text
         return name
 
-    def proxy_header(self, client_transport) -> bytes:
-        """The PROXY header for a connection made for this client: its address and the listener's, as
-        the client connection's transport reports them (the PROXY-protocol address when it came
-        through one, see fastlb/http/front_py.py)."""
-        src = client_transport.get_extra_info("peername")
-        dst = client_transport.get_extra_info("sockname")
+    def proxy_header(self, client, listener) -> bytes:
+        """The PROXY header for a connection made for one client: (ip, port) of the client and of the
+        listener it reached, as its transport reports them (the PROXY-protocol addresses when it came
+        through one, see fastlb/net/tlsbio_py.py).  A link-local IPv6 address loses its zone
+        (fe80::1%eth0): the header has no field for one, and the zone means nothing to the server."""
         build = core.proxy_header_v2 if self.proxy == 2 else core.proxy_header_v1
-        return build(src[0], src[1], dst[0], dst[1])
+        return build(client[0].partition("%")[0], client[1], listener[0].partition("%")[0], listener[1])
 
     async def open(self, loop, conn, name: str, header: bytes | None) -> None:
         """Connect conn to the server: PROXY header first if any, then TLS if any (see `connect` in
