@@ -35,8 +35,9 @@ cdef class UpstreamConnection
 
 @cython.final
 cdef class Shared:
-    cdef public long long max_connections, max_request_line, max_header_bytes, max_headers
-    cdef public long long max_body_bytes
+    cdef public long long max_connections, max_body_bytes
+    # Python ints: handed to the parsers as they are, not boxed into new int objects per request.
+    cdef public object max_request_line, max_header_bytes, max_headers, max_response_head, max_response_headers
     cdef public double header_timeout, body_timeout, idle_timeout, send_timeout
     cdef public Router router
     cdef public Route no_route

@@ -206,6 +206,8 @@ class Shared:
         self.max_request_line = limits.max_request_line
         self.max_header_bytes = limits.max_header_bytes
         self.max_headers = limits.max_headers
+        self.max_response_head = _RESPONSE_HEAD_FACTOR * limits.max_header_bytes
+        self.max_response_headers = _RESPONSE_HEAD_FACTOR * limits.max_headers
         self.max_body_bytes = limits.max_body_bytes
         self.header_timeout = limits.header_timeout
         self.body_timeout = limits.body_timeout
@@ -983,7 +985,7 @@ class UpstreamConnection:
             pending += data
             found = pending.find(_HEAD_END, before - 3 if before > 3 else 0)
             if found < 0:
-                if len(pending) > _RESPONSE_HEAD_FACTOR * self.shared.max_header_bytes:
+                if len(pending) > self.shared.max_response_head:
                     self._fail_response("invalid")
                 return
             self.pending = None
@@ -997,7 +999,7 @@ class UpstreamConnection:
                 stop = _head_end(data, pos)
                 if stop < 0:
                     self.pending = bytearray(data[pos:] if pos else data)
-                    if len(self.pending) > _RESPONSE_HEAD_FACTOR * self.shared.max_header_bytes:
+                    if len(self.pending) > self.shared.max_response_head:
                         self._fail_response("invalid")
                         return
                     break
@@ -1047,7 +1049,7 @@ class UpstreamConnection:
         close = not ex.keep_alive or shared.draining
         status, flags, length, head = _parse_response(
             data, start, stop, ex.is_head, ex.chunk_ok, close,
-            _RESPONSE_HEAD_FACTOR * shared.max_header_bytes, _RESPONSE_HEAD_FACTOR * shared.max_headers)
+            shared.max_response_head, shared.max_response_headers)
         if status < 0 or (status == 101 and not ex.flags & _F_UPGRADE):
             self._flush(out)
             self._fail_response("invalid")
@@ -1098,7 +1100,7 @@ class UpstreamConnection:
             ex.keep_alive = False  # core added Connection: close; the body ends when we close
         if flags & _F_CHUNKED:
             self._to(U_CHUNKED)
-            self.chunked = _ChunkedBody(_RESPONSE_HEAD_FACTOR * shared.max_header_bytes)
+            self.chunked = _ChunkedBody(shared.max_response_head)
         elif flags & _F_UNTIL_CLOSE:
             self._to(U_UNTIL_CLOSE)
         elif length:
