@@ -2,7 +2,7 @@
 # for the listeners' Front and the backends' BackendTls, as C calls.
 cimport cython
 
-cdef Py_ssize_t _RECORD
+cdef object _RECORD  # an int object: sslobj.read(_RECORD) boxes nothing per record
 cdef object _SSLWantReadError, _SSLZeroReturnError, _SSLError, _get_running_loop
 cdef int B_CONNECTING, B_HANDSHAKE, B_OPEN, B_CLOSED
 

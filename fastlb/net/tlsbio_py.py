@@ -114,7 +114,10 @@ class TlsBio:
             app.data_received(data)
             if not self.opened or self.closing or self.paused:
                 return
-            if not incoming.pending and not sslobj.pending():
+            # No sslobj.pending() here (it releases the GIL, a mutex round trip per request): SSL_read
+            # returns one record's data at a time (no pipelining), and reading _RECORD bytes empties a
+            # record, so nothing decrypted is ever left in OpenSSL; what is left is in `incoming`.
+            if not incoming.pending:
                 break
         self._flush()  # e.g. the answer to a TLS 1.3 KeyUpdate
 
