@@ -1240,9 +1240,23 @@ def head_end(data, start):
         lf = <const char *>memchr(lf, c'\n', end - lf)
         if lf == NULL or lf + 2 >= end:
             return -1
-        if lf[1] == c'\r' and lf[2] == c'\n' and lf > p + s and lf[-1] == c'\r':
+        if lf[1] == c'\r' and lf[2] == c'\n' and lf > p + s and (lf - 1)[0] == c'\r':
             return lf + 3 - p
         lf += 1
+
+
+def head_and_body(head, data, start, stop):
+    """See ``fastlb._core_py.head_and_body``."""
+    cdef Py_ssize_t s, e, n
+    if not (isinstance(head, bytes) and isinstance(data, bytes)):
+        raise TypeError("head and data must be bytes")
+    _check_int(start, 0, PyBytes_GET_SIZE(data), &s)
+    _check_int(stop, s, PyBytes_GET_SIZE(data), &e)
+    n = PyBytes_GET_SIZE(head)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, n + e - s)
+    memcpy(PyBytes_AS_STRING(out), PyBytes_AS_STRING(head), n)
+    memcpy(PyBytes_AS_STRING(out) + n, PyBytes_AS_STRING(data) + s, e - s)
+    return out
 
 
 def find_field(data, start, end, name):

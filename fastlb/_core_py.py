@@ -706,6 +706,16 @@ def head_end(data, start):
     return found + 4 if found >= 0 else -1
 
 
+def head_and_body(head, data, start, stop):
+    """``head + data[start:stop]`` as one new bytes object: a response head and the body bytes that came
+    in the same read leave in one write, without a slice object and a join per response (issue 13)."""
+    _check_bytes("head", head)
+    _check_bytes("data", data)
+    _check_int("start", start, 0, len(data))
+    _check_int("stop", stop, start, len(data))
+    return head + data[start:stop]
+
+
 def find_field(data, start, end, name):
     """The value of the first field line named ``name`` in the head ``data[start:end]``, or None.
 

@@ -21,7 +21,7 @@ _NAMES = (
     # flag bits of request_head/response_head and parse_request/parse_response
     "F_CONTENT_LENGTH", "F_CHUNKED", "F_EXPECT_CONTINUE", "F_UPGRADE", "F_CONN_CLOSE", "F_CONN_KEEPALIVE",
     "F_HAS_HOST", "F_NO_BODY", "F_UNTIL_CLOSE", "F_HTTP10", "F_AMBIGUOUS",
-    "request_head", "response_head", "parse_request", "parse_response", "find_field", "head_end",
+    "request_head", "response_head", "parse_request", "parse_response", "find_field", "head_end", "head_and_body",
     "hash64", "maglev_table", "maglev_lookup",
     # before TLS: the ClientHello (SNI passthrough) and the PROXY protocol
     "HELLO_MORE", "HELLO_OK", "HELLO_NOT_TLS", "HELLO_BAD", "HELLO_MAX", "parse_client_hello",

@@ -713,3 +713,22 @@ def test_head_end_twins_identical(compiled, data, start):
     if 0 <= start <= len(data):
         found = data.find(b"\r\n\r\n", start)
         assert compiled.head_end(data, start) == (found + 4 if found >= 0 else -1)
+
+
+def test_head_and_body(core):
+    assert core.head_and_body(b"HEAD\r\n\r\n", b"xxbodyyy", 2, 6) == b"HEAD\r\n\r\nbody"
+    assert core.head_and_body(b"", b"abc", 0, 3) == b"abc"
+    assert core.head_and_body(b"h", b"abc", 3, 3) == b"h"
+    for bad in ((bytearray(b"h"), b"abc", 0, 1), (b"h", memoryview(b"abc"), 0, 1), (b"h", b"abc", 0.0, 1)):
+        with pytest.raises(TypeError):
+            core.head_and_body(*bad)
+    for bad in ((b"h", b"abc", -1, 1), (b"h", b"abc", 2, 1), (b"h", b"abc", 0, 4)):
+        with pytest.raises(OverflowError):
+            core.head_and_body(*bad)
+
+
+@settings_for(300)
+@given(head=st.binary(max_size=8), data=st.binary(max_size=8), start=st.integers(-1, 9), stop=st.integers(-1, 9))
+def test_head_and_body_twins_identical(compiled, head, data, start, stop):
+    args = (head, data, start, stop)
+    assert _outcome(compiled.head_and_body, *args) == _outcome(_core_py.head_and_body, *args)

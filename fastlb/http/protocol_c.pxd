@@ -10,7 +10,7 @@ from fastlb.lb.router_c cimport Route, Router
 cdef bint _DEBUG
 cdef int _F_CHUNKED, _F_CONN_CLOSE, _F_CONN_KEEPALIVE, _F_NO_BODY, _F_UNTIL_CLOSE, _F_UPGRADE
 cdef int _F_HTTP10, _F_AMBIGUOUS
-cdef object _parse_request, _parse_response, _head_end, _ChunkedBody, _request_start_problem
+cdef object _parse_request, _parse_response, _head_end, _head_and_body, _ChunkedBody, _request_start_problem
 cdef Py_ssize_t _CHUNKED_BAD
 cdef int C_HEAD, C_BODY, C_CHUNKED, C_HELD, C_TUNNEL, C_DONE, C_CLOSED
 cdef int X_NEW, X_WAITING, X_CONNECTING, X_SENT, X_STREAMING, X_DONE

@@ -67,6 +67,7 @@ _F_AMBIGUOUS = core.F_AMBIGUOUS
 _parse_request = core.parse_request
 _parse_response = core.parse_response
 _head_end = core.head_end
+_head_and_body = core.head_and_body
 _ChunkedBody = framing.ChunkedBody
 _request_start_problem = framing.request_start_problem
 _CHUNKED_BAD = framing.CHUNKED_BAD
@@ -1009,7 +1010,13 @@ class UpstreamConnection:
             elif state == U_LENGTH:
                 stop = end if end - pos <= self.body_left else pos + self.body_left
                 self.body_left -= stop - pos
-                out.append(data if stop - pos == end else data[pos:stop])
+                if stop - pos == end:
+                    out.append(data)
+                elif out:
+                    # After the head parsed from this read: the two as one object, no slice, no join.
+                    out[len(out) - 1] = _head_and_body(out[len(out) - 1], data, pos, stop)
+                else:
+                    out.append(data[pos:stop])
                 pos = stop
                 if not self.body_left:
                     self._complete(out, pos < end)
