@@ -30,8 +30,10 @@ Framing fields (Content-Length, Transfer-Encoding, Connection, ...) are fastlb's
 removed: such a call raises ValueError, which is a hook error like any other (500).
 """
 
+import contextlib
 import importlib
 import inspect
+import os
 import re
 import sys
 
@@ -222,6 +224,10 @@ def _import(name: str, fresh: set | None):
     try:
         module = sys.modules.get(name)
         if module is not None and fresh is not None and name not in fresh:
+            # A .pyc is trusted while its source's mtime (whole seconds) and size match: an edit within
+            # the same second that keeps the size (version "1" -> "2") would reload the old code.
+            with contextlib.suppress(OSError, TypeError):
+                os.unlink(module.__cached__)
             module = importlib.reload(module)
         elif module is None:
             module = importlib.import_module(name)
