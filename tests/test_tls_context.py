@@ -1110,6 +1110,13 @@ def test_xfcc_quotes_and_escapes_what_a_certificate_may_carry(client_pki):
         ("CN", "line\r\nX-Injected: 1"), ("emailAddress", "ops@example.com"),
         ("O", 'Müller, "Söhne"; a=b \\ c'), ("C", "DE"),
     ]
+    assert [v for k, v in pairs if k == "URI"] == [
+        "spiffe://example.org/ns/a/sa/b",
+        "https://example.org/x?a=1;b=2",  # quoted on the wire, for its ; and =
+        "urn:x:%22quoted%22%5C%20%0D%0AX:%201",
+    ]
+    assert b'URI="https://example.org/x?a=1;b=2"' in value
+    assert [v for k, v in pairs if k == "DNS"] == ["a.example", "b.example"]
 
 
 def _rfc4514_attributes(dn: str) -> list[tuple[str, str]]:
@@ -1134,13 +1141,6 @@ def _rfc4514_attributes(dn: str) -> list[tuple[str, str]]:
             raw += char.encode()
         i += 1
     return attributes
-    assert [v for k, v in pairs if k == "URI"] == [
-        "spiffe://example.org/ns/a/sa/b",
-        "https://example.org/x?a=1;b=2",  # quoted on the wire, for its ; and =
-        "urn:x:%22quoted%22%5C%20%0D%0AX:%201",
-    ]
-    assert b'URI="https://example.org/x?a=1;b=2"' in value
-    assert [v for k, v in pairs if k == "DNS"] == ["a.example", "b.example"]
 
 
 def test_xfcc_of_a_certificate_cryptography_cannot_fully_read(client_pki):
