@@ -416,6 +416,13 @@ def table_rows(summary: list[dict]) -> tuple[list[list[str]], list[list[str]], l
             "latency: https-full (ab) in whole ms incl. connect + handshake; wrk (all other rows) "
             "starts the clock at the request write, i.e. https-resume excludes connect + handshake"
         )
+    for scenario in ("https-full", "https-resume"):
+        # One connection per request there: 1e6 / proxy CPU µs is how many handshakes a core can do.
+        rates = [f"{x['proxy']} {1e6 / x['proxy_cpu_us']:,.0f}" for x in summary
+                 if x["scenario"] == scenario and x["rounds_ok"] and x.get("proxy_cpu_us")]
+        if rates:
+            notes.append(f"{scenario}: handshakes per second per core (1e6 ÷ proxy CPU µs per connection): "
+                         + ", ".join(rates))
     for msg, n in failures.items():
         notes.append(f"[{n}] {msg}")
     return main, idle, notes
