@@ -451,7 +451,7 @@ class ClientConnection:
             status = 403  # answered once the exchange starts, like 417; the connection stays usable
         if self.xfcc is not None:
             # The verified identity (parse_request dropped any the client sent), Envoy's header.
-            head = b"".join((head[:-2], self.xfcc, b"\r\n"))
+            head = b"".join((head[:len(head) - 2], self.xfcc, b"\r\n"))
         ex = Exchange(self, method, head, flags, request_id, route, now)
         # HTTP/1.0 clients are closed after the response (RFC 9112 §9.3): no guessing at 1.0 keep-alive.
         # An ambiguous request (a body on GET/HEAD) closes both connections after it, as AWS's defensive

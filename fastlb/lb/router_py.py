@@ -96,8 +96,8 @@ class Router:
             self.routes.append(self._default)
 
     def match(self, host, target):
-        q = target.find(b"?")
-        path = target if q < 0 else target[:q]
+        # `in` first: bytes.find parses its arguments as a varargs method, a cost most targets skip.
+        path = target if b"?" not in target else target[:target.find(b"?")]
         if host:
             tables = self._hosts.get(host)
             if tables is None:
