@@ -7,10 +7,12 @@ the whole corpus runs byte by byte in milliseconds, against the uncompiled sourc
 the compiled build, against protocol_c too: the same behaviour is required of both.
 """
 
+import gc
 import importlib
 import logging
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +21,11 @@ import h11
 import pytest
 from corpus import load, split
 from test_hardening import parse_response
+from tlsutil import DEFAULT_NAMES, make_pems
 
 from fastlb import config, core
+from fastlb.http import front
+from fastlb.http import protocol as chosen
 from fastlb.obs import metrics
 from fastlb.process import shm as shm_mod
 from fastlb.process.worker import Worker
@@ -317,3 +322,49 @@ def test_missing_extension_is_an_import_error_not_the_symlinked_source(tmp_path,
         assert run.returncode == 0, run.stderr
     else:
         assert run.returncode == 1 and f"ImportError: {chooser}_c is not compiled" in run.stderr, run.stderr
+
+
+def test_a_closed_tls_connection_leaves_no_cycle_for_the_gc(tmp_path):
+    """Front, TlsBio, the SSL object, its BIOs and the ClientConnection are freed by reference counting
+    once the connection is lost: the cyclic GC finds nothing of theirs (the build's own Front and protocol,
+    so each tox run checks its build)."""
+    pems = make_pems(tmp_path)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(*pems.default)
+    client_ctx = ssl.create_default_context(cafile=pems.ca)
+    h = Harness(chosen)
+    ours = {"Front", "TlsBio", "ClientConnection", "Exchange", "MemoryBIO", "_SSLSocket"}
+    gc.collect()
+    flags = gc.get_debug()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        fr = front.Front(h.worker, h.worker.listeners[0], server_ctx)
+        raw = FakeTransport(fr)
+        fr.connection_made(raw)
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = client_ctx.wrap_bio(incoming, outgoing, server_hostname=DEFAULT_NAMES[0])
+        for _ in range(10):
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                fr.data_received(outgoing.read())
+                incoming.write(raw.take())
+        tls.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        h._spare()
+        fr.data_received(outgoing.read())
+        h.pump()
+        incoming.write(raw.take())
+        assert tls.read(4096).startswith(b"HTTP/1.1 200 OK\r\n")
+        assert raw.closing  # Connection: close
+        fr.connection_lost(None)
+        raw.protocol = None  # as uvloop's transport drops its protocol after connection_lost
+        del fr, raw, tls, incoming, outgoing
+        gc.collect()
+        left = sorted(type(o).__name__ for o in gc.garbage if type(o).__name__ in ours)
+    finally:
+        gc.garbage.clear()
+        gc.set_debug(flags)
+        gc.enable()
+    assert left == []
