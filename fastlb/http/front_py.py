@@ -31,7 +31,7 @@ from time import monotonic
 from fastlb import core
 from fastlb.http.protocol import ClientConnection
 from fastlb.net import tlsbio
-from fastlb.net.tls import handshake_failure_reason
+from fastlb.net.tls import by_server_name, handshake_failure_reason
 
 F_PROXY = 0
 F_HELLO = 1
@@ -186,12 +186,8 @@ class Front:
             self.sni = sni  # for hooks (req.sni): the stdlib has no server-side getter for it
             passthrough = self.listener.passthrough
             if sni is not None and passthrough is not None:
-                sni = sni.rstrip(".")  # an absolute name (RFC 1034 section 3.1) is the same host
-                backend = passthrough.get(sni)
-                if backend is None:
-                    _, dot, parent = sni.partition(".")
-                    if dot:
-                        backend = passthrough.get("*." + parent)  # one leftmost label, RFC 6125 §6.4.3
+                # An absolute name (RFC 1034 section 3.1) is the same host.
+                backend = by_server_name(passthrough, sni.rstrip("."))
                 if backend is not None:
                     self.state = F_SPLICE
                     self.worker.fronts.discard(self)

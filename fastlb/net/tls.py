@@ -132,6 +132,7 @@ __all__ = [
     "GROUPS",
     "HANDSHAKE_FAILURE_REASONS",
     "build_server_context",
+    "by_server_name",
     "carry_ticket_keys",
     "certificate_facts",
     "handshake_facts",
@@ -235,6 +236,18 @@ def _load_certificate(context: ssl.SSLContext, index: int, spec, source: str):
     return leaf
 
 
+def by_server_name(table: dict, name: str):
+    """The entry of `table` (keys lower case, exact or "*.parent") for the lower-case server name `name`:
+    its exact entry, else the wildcard of its parent (RFC 6125 section 6.4.3: `*` covers exactly one,
+    leftmost, label). For the certificate choice here and the SNI passthrough (fastlb/http/front_py.py)."""
+    entry = table.get(name)
+    if entry is None:
+        _, dot, parent = name.partition(".")
+        if dot:
+            entry = table.get("*." + parent)
+    return entry
+
+
 def _certificate_selector(
     by_name: dict[str, ssl.SSLContext], strict: bool
 ) -> Callable[[ssl.SSLObject, str | None, ssl.SSLContext], int | None]:
@@ -248,13 +261,7 @@ def _certificate_selector(
         # failure alert, so only dict lookups. RFC 6066 section 3: no SNI for IP literals, no trailing dot.
         if server_name is None:
             return unknown
-        name = server_name.lower()
-        context = by_name.get(name)
-        if context is None:
-            _, dot, parent = name.partition(".")
-            if dot:
-                # RFC 6125 section 6.4.3: the wildcard covers exactly one, leftmost, label.
-                context = by_name.get("*." + parent)
+        context = by_server_name(by_name, server_name.lower())
         if context is None:
             return unknown
         if context is not initial_context:
