@@ -133,7 +133,11 @@ class Front:
             self.tls.app = None
         elif self.splice is not None:
             self.splice.client_lost()
-        elif state in (F_PROXY, F_HELLO, F_HANDSHAKE):
+        elif state == F_PROXY:
+            # Closed before its PROXY header ended: the header is missing, whatever the listener
+            # speaks after it (nothing of TLS has started, so no handshake error).
+            self.worker.area[self.listener.m_proxy_errors["bad_header"]] += 1
+        elif state in (F_HELLO, F_HANDSHAKE):
             self._count("reset")
 
     def pause_writing(self):
