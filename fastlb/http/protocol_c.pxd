@@ -20,6 +20,7 @@ cdef frozenset _IDEMPOTENT
 cdef bytes _CHUNK_END, _HEAD_END
 cdef Py_ssize_t _BODY_BUFFER_CAP, _RESPONSE_HEAD_FACTOR, _MAX_PRIVATE
 cdef int _IDLE, _HEADER, _BODY
+cdef double DRAIN_GRACE
 
 cdef bint _bare_cr_or_lf(bytearray buf, Py_ssize_t start) except -1
 cdef bytes _joined(list payload)
@@ -119,6 +120,8 @@ cdef class Exchange:
     cdef public long long bytes_in, bytes_out, body_received
     cdef public object answer, policy, hook_req
 
+    cdef void begin(self, ClientConnection client, bytes method, bytes head, int flags, bytes request_id,
+                    Route route, double now) except *
     cdef void _to(self, int state) except *
     cpdef void start(self) except *
     @cython.locals(balancer=Balancer, server=Server)

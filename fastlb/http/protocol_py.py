@@ -452,7 +452,10 @@ class ClientConnection:
         if self.xfcc is not None:
             # The verified identity (parse_request dropped any the client sent), Envoy's header.
             head = b"".join((head[:len(head) - 2], self.xfcc, b"\r\n"))
-        ex = Exchange(self, method, head, flags, request_id, route, now)
+        # No call of the type (its arguments would be boxed into Python objects): a fresh object, from
+        # the compiled build's freelist, set up by a C method.
+        ex = Exchange.__new__(Exchange)
+        ex.begin(self, method, head, flags, request_id, route, now)
         # HTTP/1.0 clients are closed after the response (RFC 9112 §9.3): no guessing at 1.0 keep-alive.
         # An ambiguous request (a body on GET/HEAD) closes both connections after it, as AWS's defensive
         # desync mitigation does: a backend that ignores such a body would read it as the next request.
@@ -696,9 +699,10 @@ class ClientConnection:
 
 
 class Exchange:
-    """One request and its response, from the request head to the last response byte."""
+    """One request and its response, from the request head to the last response byte.  Made by
+    ClientConnection._request: `Exchange.__new__(Exchange)`, then `begin`."""
 
-    def __init__(self, client, method, head, flags, request_id, route, now):
+    def begin(self, client, method, head, flags, request_id, route, now) -> None:
         self.client = client
         self.state = X_NEW
         self.method = method
@@ -947,7 +951,7 @@ class UpstreamConnection:
         ex._to(X_SENT)
         ex.upstream = self
         self.sent_at = self.shared.now
-        self.deadline = self.sent_at + ex.backend.spec.response_timeout
+        self.deadline = self.sent_at + ex.backend.response_timeout
         client = ex.client
         if client.write_paused:
             self.transport.pause_reading()

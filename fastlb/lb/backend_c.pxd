@@ -49,6 +49,7 @@ cdef class Backend:
     cdef public object hash_key
     cdef public object waiting
     cdef public Py_ssize_t m_retries
+    cdef public double response_timeout
 
     @cython.locals(server=Server)
     cpdef bint saturated(self)

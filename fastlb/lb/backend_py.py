@@ -121,7 +121,7 @@ class Server:
 
 
 class Backend:
-    __slots__ = ("name", "spec", "servers", "balancer", "hash_key", "waiting", "m_retries")
+    __slots__ = ("name", "spec", "servers", "balancer", "hash_key", "waiting", "m_retries", "response_timeout")
 
     def __init__(self, spec, first_gid, states):
         self.name = spec.name
@@ -132,6 +132,8 @@ class Backend:
         self.hash_key = balance.hash_key_getter(spec.hash_on) if spec.balance == "hash" else None
         self.waiting = deque()        # exchanges waiting for a server under max_connections
         self.m_retries = 0
+        # Read on every request (UpstreamConnection.attach): a typed copy, not an attribute of `spec`.
+        self.response_timeout = spec.response_timeout
 
     def saturated(self):
         """Some server is usable but every usable server is at its max_connections."""
