@@ -57,6 +57,8 @@ cdef class Shared:
 @cython.final
 cdef class ClientConnection:
     cdef public object worker, listener, transport
+    cdef bytes proto, port, authority
+    cdef bint redirect
     cdef public Shared shared
     cdef double[:] area
     cdef public int state
@@ -79,6 +81,8 @@ cdef class ClientConnection:
     cdef public list private
 
     cdef void _to(self, int state) except *
+    @cython.locals(pos=Py_ssize_t, end=Py_ssize_t, stop=Py_ssize_t, found=Py_ssize_t, now=double)
+    cpdef void data_received(self, object data) except *
     cdef void _partial_head(self, bytes data, Py_ssize_t pos, double now) except *
     @cython.locals(shared=Shared)
     cdef Py_ssize_t _head_end(self, bytearray pending, bytes data) except -2
@@ -155,6 +159,8 @@ cdef class UpstreamConnection:
 
     cdef void _to(self, int state) except *
     cpdef void attach(self, Exchange ex, bint reused) except *
+    @cython.locals(pos=Py_ssize_t, end=Py_ssize_t, stop=Py_ssize_t, found=Py_ssize_t, before=Py_ssize_t)
+    cpdef void data_received(self, object data) except *
     @cython.locals(server=Server, shared=Shared, status=int, flags=int, length="long long")
     cdef bint _head(self, bytes data, Py_ssize_t start, Py_ssize_t stop, list out) except -1
     cdef void _flush(self, list out) except *

@@ -241,6 +241,12 @@ class ClientConnection:
         self.shared = worker.shared
         self.area = worker.area   # this worker's metrics (float64 series, obs/metrics.py)
         self.listener = listener
+        # What every request reads of the listener, as typed fields: attribute lookups on the listener
+        # (a Python object) cost more per request than copying them once per connection.
+        self.proto = listener.proto
+        self.port = listener.port
+        self.authority = listener.authority
+        self.redirect = listener.redirect_to_https
         self.transport = None
         self.state = C_HEAD
         self.client_ip = b""
@@ -418,12 +424,11 @@ class ClientConnection:
     # -- 2. one head, parsed in one call -------------------------------------------------------------
     def _request(self, data: bytes, start, stop, now) -> bool:
         """Parse and start the request whose head is data[start:stop]; False if the stream stops."""
-        listener = self.listener
         shared = self.shared
         shared.rid += 1
         status, flags, method, target, host, request_id, length, head = _parse_request(
-            data, start, stop, self.client_ip, listener.proto, listener.port, self.trust_xff,
-            shared.rid_prefix, shared.rid, listener.authority, shared.max_request_line,
+            data, start, stop, self.client_ip, self.proto, self.port, self.trust_xff,
+            shared.rid_prefix, shared.rid, self.authority, shared.max_request_line,
             shared.max_header_bytes, shared.max_headers)
         if status and status != 417:
             self.fail(status)
@@ -437,9 +442,9 @@ class ClientConnection:
             self.transport.write(shared.acme.response(target, request_id, shared.date))
             self.close()
             return False
-        if listener.redirect_to_https:
+        if self.redirect:
             self.transport.write(redirect_response(
-                listener.https_location(host, target), request_id, shared.date, True))
+                self.listener.https_location(host, target), request_id, shared.date, True))
             self.close()
             return False
         try:
