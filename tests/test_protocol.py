@@ -7,6 +7,7 @@ the whole corpus runs byte by byte in milliseconds, against the uncompiled sourc
 the compiled build, against protocol_c too: the same behaviour is required of both.
 """
 
+import asyncio
 import gc
 import importlib
 import logging
@@ -26,6 +27,7 @@ from tlsutil import DEFAULT_NAMES, make_pems
 from fastlb import config, core
 from fastlb.http import front
 from fastlb.http import protocol as chosen
+from fastlb.net import tlsbio
 from fastlb.obs import metrics
 from fastlb.process import shm as shm_mod
 from fastlb.process.worker import Worker
@@ -367,4 +369,57 @@ def test_a_closed_tls_connection_leaves_no_cycle_for_the_gc(tmp_path):
         gc.garbage.clear()
         gc.set_debug(flags)
         gc.enable()
+    assert left == []
+
+
+class _Upstream:
+    """Stands for an UpstreamConnection: it holds its transport, as that one does."""
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def connection_lost(self, exc):
+        pass
+
+
+def test_a_closed_backend_tls_connection_leaves_no_cycle_for_the_gc(tmp_path):
+    """The client side (BackendTls, issue 16): once the server's connection is lost, the layer, its app,
+    the SSL object and its BIOs are freed by reference counting; the cyclic GC finds none of them."""
+    pems = make_pems(tmp_path)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(*pems.default)
+    client_ctx = ssl.create_default_context(cafile=pems.ca)
+    loop = asyncio.new_event_loop()
+    ours = {"BackendTls", "_Upstream", "MemoryBIO", "_SSLSocket"}
+    gc.collect()
+    flags = gc.get_debug()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        app = _Upstream()
+        layer = tlsbio.BackendTls(app, client_ctx, DEFAULT_NAMES[0], None, None, loop.create_future())
+        raw = FakeTransport(layer)
+        layer.connection_made(raw)
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        server = server_ctx.wrap_bio(incoming, outgoing, server_side=True)
+        for _ in range(10):
+            incoming.write(raw.take())
+            try:
+                server.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+            layer.data_received(outgoing.read())
+            if getattr(app, "transport", None) is layer:
+                break
+        assert app.transport is layer  # the handshake is done: the layer opened its app
+        layer.connection_lost(None)
+        raw.protocol = None  # as uvloop's transport drops its protocol after connection_lost
+        del app, layer, raw, server, incoming, outgoing
+        gc.collect()
+        left = sorted(type(o).__name__ for o in gc.garbage if type(o).__name__ in ours)
+    finally:
+        gc.garbage.clear()
+        gc.set_debug(flags)
+        gc.enable()
+        loop.close()
     assert left == []

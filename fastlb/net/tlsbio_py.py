@@ -234,6 +234,11 @@ class BackendTls(TlsBio):
             self.app.connection_lost(self.error if self.error is not None else exc)
         elif state != B_CLOSED and not self.waiter.done():
             self.waiter.set_exception(exc or ConnectionResetError("the server closed during the TLS handshake"))
+        # The app and this layer hold each other (app.transport, self.app): with that cut, both, the SSL
+        # object and its BIOs are freed here by reference counting, not by a cyclic GC pass (as the
+        # Front does for client connections). `closing` keeps a late write from reaching OpenSSL.
+        self.closing = True
+        self.app = None
 
     def pause_writing(self):
         if self.state == B_OPEN:
