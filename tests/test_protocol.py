@@ -8,6 +8,7 @@ the compiled build, against protocol_c too: the same behaviour is required of bo
 """
 
 import asyncio
+import contextlib
 import gc
 import importlib
 import logging
@@ -326,21 +327,39 @@ def test_missing_extension_is_an_import_error_not_the_symlinked_source(tmp_path,
         assert run.returncode == 1 and f"ImportError: {chooser}_c is not compiled" in run.stderr, run.stderr
 
 
-def test_a_closed_tls_connection_leaves_no_cycle_for_the_gc(tmp_path):
-    """Front, TlsBio, the SSL object, its BIOs and the ClientConnection are freed by reference counting
-    once the connection is lost: the cyclic GC finds nothing of theirs (the build's own Front and protocol,
-    so each tox run checks its build)."""
-    pems = make_pems(tmp_path)
-    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_ctx.load_cert_chain(*pems.default)
-    client_ctx = ssl.create_default_context(cafile=pems.ca)
-    h = Harness(chosen)
-    ours = {"Front", "TlsBio", "ClientConnection", "Exchange", "MemoryBIO", "_SSLSocket"}
+@contextlib.contextmanager
+def cyclic_garbage(names):
+    """Yields a list that, after the block, holds the type names (among `names`) of the objects made in
+    the block that only the cyclic GC would have freed (gc.DEBUG_SAVEALL keeps them in gc.garbage)."""
     gc.collect()
     flags = gc.get_debug()
     gc.disable()
     gc.set_debug(gc.DEBUG_SAVEALL)
+    found = []
     try:
+        yield found
+        gc.collect()
+        found.extend(sorted(type(o).__name__ for o in gc.garbage if type(o).__name__ in names))
+    finally:
+        gc.garbage.clear()
+        gc.set_debug(flags)
+        gc.enable()
+
+
+def tls_contexts(tmp_path):
+    pems = make_pems(tmp_path)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(*pems.default)
+    return server_ctx, ssl.create_default_context(cafile=pems.ca)
+
+
+def test_a_closed_tls_connection_leaves_no_cycle_for_the_gc(tmp_path):
+    """Front, TlsBio, the SSL object, its BIOs and the ClientConnection are freed by reference counting
+    once the connection is lost: the cyclic GC finds nothing of theirs (the build's own Front and protocol,
+    so each tox run checks its build)."""
+    server_ctx, client_ctx = tls_contexts(tmp_path)
+    h = Harness(chosen)
+    with cyclic_garbage({"Front", "TlsBio", "ClientConnection", "Exchange", "MemoryBIO", "_SSLSocket"}) as left:
         fr = front.Front(h.worker, h.worker.listeners[0], server_ctx)
         raw = FakeTransport(fr)
         fr.connection_made(raw)
@@ -363,12 +382,6 @@ def test_a_closed_tls_connection_leaves_no_cycle_for_the_gc(tmp_path):
         fr.connection_lost(None)
         raw.protocol = None  # as uvloop's transport drops its protocol after connection_lost
         del fr, raw, tls, incoming, outgoing
-        gc.collect()
-        left = sorted(type(o).__name__ for o in gc.garbage if type(o).__name__ in ours)
-    finally:
-        gc.garbage.clear()
-        gc.set_debug(flags)
-        gc.enable()
     assert left == []
 
 
@@ -385,41 +398,29 @@ class _Upstream:
 def test_a_closed_backend_tls_connection_leaves_no_cycle_for_the_gc(tmp_path):
     """The client side (BackendTls, issue 16): once the server's connection is lost, the layer, its app,
     the SSL object and its BIOs are freed by reference counting; the cyclic GC finds none of them."""
-    pems = make_pems(tmp_path)
-    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_ctx.load_cert_chain(*pems.default)
-    client_ctx = ssl.create_default_context(cafile=pems.ca)
+    server_ctx, client_ctx = tls_contexts(tmp_path)
     loop = asyncio.new_event_loop()
-    ours = {"BackendTls", "_Upstream", "MemoryBIO", "_SSLSocket"}
-    gc.collect()
-    flags = gc.get_debug()
-    gc.disable()
-    gc.set_debug(gc.DEBUG_SAVEALL)
     try:
-        app = _Upstream()
-        layer = tlsbio.BackendTls(app, client_ctx, DEFAULT_NAMES[0], None, None, loop.create_future())
-        raw = FakeTransport(layer)
-        layer.connection_made(raw)
-        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        server = server_ctx.wrap_bio(incoming, outgoing, server_side=True)
-        for _ in range(10):
-            incoming.write(raw.take())
-            try:
-                server.do_handshake()
-            except ssl.SSLWantReadError:
-                pass
-            layer.data_received(outgoing.read())
-            if getattr(app, "transport", None) is layer:
-                break
-        assert app.transport is layer  # the handshake is done: the layer opened its app
-        layer.connection_lost(None)
-        raw.protocol = None  # as uvloop's transport drops its protocol after connection_lost
-        del app, layer, raw, server, incoming, outgoing
-        gc.collect()
-        left = sorted(type(o).__name__ for o in gc.garbage if type(o).__name__ in ours)
+        with cyclic_garbage({"BackendTls", "_Upstream", "MemoryBIO", "_SSLSocket"}) as left:
+            app = _Upstream()
+            layer = tlsbio.BackendTls(app, client_ctx, DEFAULT_NAMES[0], None, None, loop.create_future())
+            raw = FakeTransport(layer)
+            layer.connection_made(raw)
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            server = server_ctx.wrap_bio(incoming, outgoing, server_side=True)
+            for _ in range(10):
+                incoming.write(raw.take())
+                try:
+                    server.do_handshake()
+                except ssl.SSLWantReadError:
+                    pass
+                layer.data_received(outgoing.read())
+                if getattr(app, "transport", None) is layer:
+                    break
+            assert app.transport is layer  # the handshake is done: the layer opened its app
+            layer.connection_lost(None)
+            raw.protocol = None  # as uvloop's transport drops its protocol after connection_lost
+            del app, layer, raw, server, incoming, outgoing
     finally:
-        gc.garbage.clear()
-        gc.set_debug(flags)
-        gc.enable()
         loop.close()
     assert left == []
