@@ -43,6 +43,7 @@ from tlsutil import (
     client_hello,
     days_from_now,
     dns_names,
+    handshake_facts,
     make_pems,
     s_client,
     write_certificate,
@@ -108,7 +109,7 @@ class FactsProtocol(asyncio.Protocol):
         while b"\r\n\r\n" in self.buffer:
             _, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
             ssl_object = self.transport.get_extra_info("ssl_object")
-            version, cipher, reused = tls.handshake_facts(ssl_object)
+            version, cipher, reused = handshake_facts(ssl_object)
             body = json.dumps(
                 {
                     "pid": os.getpid(),
@@ -243,7 +244,7 @@ def exchange(port, context, server_hostname="localhost", session=None):
                 version=conn.version(),
                 cipher=conn.cipher()[0],
                 alpn=conn.selected_alpn_protocol(),
-                handshake=tls.handshake_facts(conn),
+                handshake=handshake_facts(conn),
                 names=dns_names(conn.getpeercert(binary_form=True)),
                 key=type(x509.load_der_x509_certificate(conn.getpeercert(binary_form=True)).public_key()),
             )

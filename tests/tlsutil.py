@@ -125,6 +125,12 @@ def dns_names(der: bytes) -> list[str]:
     return san.get_values_for_type(x509.DNSName)
 
 
+def handshake_facts(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> tuple[str, str, bool]:
+    """(protocol version, cipher suite name, session resumed) of a completed handshake."""
+    cipher = ssl_object.cipher()
+    return ssl_object.version() or "", cipher[0] if cipher else "", ssl_object.session_reused
+
+
 def fingerprint(der: bytes) -> str:
     """SHA-256 of a DER certificate as "AB:CD:..." (the form `openssl x509 -fingerprint` prints)."""
     digest = x509.load_der_x509_certificate(der).fingerprint(hashes.SHA256())

@@ -135,7 +135,6 @@ __all__ = [
     "by_server_name",
     "carry_ticket_keys",
     "certificate_facts",
-    "handshake_facts",
     "handshake_failure_reason",
 ]
 
@@ -488,9 +487,3 @@ def certificate_facts(tls) -> list[tuple[str, float]]:
         leaf = certs.load_certificate_chain(spec.cert)[0]
         facts.append((certs.certificate_primary_name(leaf), certs.certificate_not_after(leaf)))
     return facts
-
-
-def handshake_facts(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> tuple[str, str, bool]:
-    """(protocol version, cipher suite name, session resumed) of a completed handshake."""
-    cipher = ssl_object.cipher()
-    return ssl_object.version() or "", cipher[0] if cipher else "", ssl_object.session_reused
