@@ -114,7 +114,8 @@ cdef extern from *:
 cdef unsigned char _TCHAR_LOWER[256]
 cdef unsigned char _LOWER[256]
 # _VALUE_OK: a field-value or reason-phrase byte (RFC 9110 §5.5: VCHAR, obs-text, SP, HTAB).
-# _IP_LITERAL, _REG_NAME: the Host characters of _core_py._HOST_VALUE.
+# _IP_LITERAL, _REG_NAME: the Host characters of _core_py._HOST_VALUE; _IP_LITERAL (hex digits, ':' and '.')
+# is also _core_py._HEX_ADDRESS, the characters of a PROXY v1 address.
 cdef bint _VALUE_OK[256]
 cdef bint _IP_LITERAL[256]
 cdef bint _REG_NAME[256]
@@ -1731,7 +1732,6 @@ cdef Py_ssize_t[4] _V2_ADDRESS_SIZES = [0, 12, 36, 216]
 _PROXY_BAD = (PROXY_BAD, 0, None, 0, None, 0, ())
 _PROXY_MORE = (PROXY_MORE, 0, None, 0, None, 0, ())
 
-cdef bint _HEX_ADDRESS[256]
 cdef uint32_t _CRC32C[256]
 
 
@@ -1739,14 +1739,11 @@ cdef void _init_proxy_tables():
     cdef uint32_t crc
     cdef int c, k
     for c in range(256):
-        _HEX_ADDRESS[c] = False
         _SNI_OK[c] = False
         crc = c
         for k in range(8):
             crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
         _CRC32C[c] = crc
-    for c in b"0123456789abcdefABCDEF:.":
-        _HEX_ADDRESS[c] = True
     for c in b"-._0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz":
         _SNI_OK[c] = True
 
@@ -1858,7 +1855,7 @@ cdef bint _address(const unsigned char *p, Py_ssize_t n, int af, unsigned char *
     if n == 0:
         return False
     for i in range(n):
-        if not _HEX_ADDRESS[p[i]]:
+        if not _IP_LITERAL[p[i]]:
             return False
     memcpy(text, p, n)
     text[n] = 0
@@ -1870,7 +1867,7 @@ cdef bint _address_prefix(const unsigned char *p, Py_ssize_t n, int af) noexcept
     cdef Py_ssize_t i, digits = 0, dots = 0
     cdef int value = 0
     for i in range(n):
-        if not _HEX_ADDRESS[p[i]]:
+        if not _IP_LITERAL[p[i]]:
             return False
     if af == AF_INET6:
         return n <= IPV6_TEXT_MAX
