@@ -56,6 +56,8 @@ def request_start_problem(line, start):
         return None
     if line[end - 1] != 13 or end - 1 <= start:  # 13: CR
         return 400
+    if line.find(b"\r", start, end - 1) >= 0:
+        return 400  # a bare CR inside the line, refused before the version as core.parse_request does
     spaces = line.count(b" ", start, end - 1)
     if line.startswith(b"PRI ", start) and line.startswith(b"HTTP/2.0", end - 9):
         return 505  # HTTP/2 prior knowledge (RFC 9113 §3.4)
