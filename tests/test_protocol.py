@@ -9,6 +9,7 @@ the compiled build, against protocol_c too: the same behaviour is required of bo
 
 import asyncio
 import contextlib
+import ctypes
 import gc
 import importlib
 import logging
@@ -28,7 +29,7 @@ from tlsutil import DEFAULT_NAMES, make_pems
 from fastlb import config, core
 from fastlb.http import front
 from fastlb.http import protocol as chosen
-from fastlb.net import tlsbio
+from fastlb.net import biomem, tlsbio
 from fastlb.obs import metrics
 from fastlb.process import shm as shm_mod
 from fastlb.process.worker import Worker
@@ -353,6 +354,20 @@ def tls_contexts(tmp_path):
     return server_ctx, ssl.create_default_context(cafile=pems.ca)
 
 
+def tls_client(fr, raw, client_ctx):
+    """A client handshake with the Front `fr` over its fake transport: (SSLObject, incoming, outgoing)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = client_ctx.wrap_bio(incoming, outgoing, server_hostname=DEFAULT_NAMES[0])
+    for _ in range(10):
+        try:
+            tls.do_handshake()
+            return tls, incoming, outgoing
+        except ssl.SSLWantReadError:
+            fr.data_received(outgoing.read())
+            incoming.write(raw.take())
+    raise AssertionError("no handshake")
+
+
 def test_a_closed_tls_connection_leaves_no_cycle_for_the_gc(tmp_path):
     """Front, TlsBio, the SSL object, its BIOs and the ClientConnection are freed by reference counting
     once the connection is lost: the cyclic GC finds nothing of theirs (the build's own Front and protocol,
@@ -363,15 +378,7 @@ def test_a_closed_tls_connection_leaves_no_cycle_for_the_gc(tmp_path):
         fr = front.Front(h.worker, h.worker.listeners[0], server_ctx)
         raw = FakeTransport(fr)
         fr.connection_made(raw)
-        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        tls = client_ctx.wrap_bio(incoming, outgoing, server_hostname=DEFAULT_NAMES[0])
-        for _ in range(10):
-            try:
-                tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                fr.data_received(outgoing.read())
-                incoming.write(raw.take())
+        tls, incoming, outgoing = tls_client(fr, raw, client_ctx)
         tls.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         h._spare()
         fr.data_received(outgoing.read())
@@ -383,6 +390,55 @@ def test_a_closed_tls_connection_leaves_no_cycle_for_the_gc(tmp_path):
         raw.protocol = None  # as uvloop's transport drops its protocol after connection_lost
         del fr, raw, tls, incoming, outgoing
     assert left == []
+
+
+def bio_sizes(layer) -> tuple[int, int]:
+    """The bytes each of a TlsBio's memory BIOs holds allocated (BUF_MEM.max), pending or not."""
+    ctrl = biomem._FUNCTIONS[0]
+    sizes = []
+    for bio in (layer.incoming, layer.outgoing):
+        buf = ctypes.c_void_p()
+        ctrl(biomem._pointer(bio), 115, 0, ctypes.byref(buf))  # BIO_C_GET_BUF_MEM_PTR
+        sizes.append(ctypes.c_size_t.from_address(buf.value + 2 * ctypes.sizeof(ctypes.c_size_t)).value)
+    return sizes[0], sizes[1]
+
+
+def test_an_idle_tls_connection_gives_back_what_its_bios_grew_to(tmp_path):
+    """OpenSSL's memory BIOs keep the most they ever held: after a 64 KiB response the outgoing one still
+    holds 64 KiB.  Once the connection waits for its next request, what the worker's tick calls frees
+    both (the build's own Front, TlsBio and protocol); the connection then serves as before."""
+    assert biomem.WORKS
+    server_ctx, client_ctx = tls_contexts(tmp_path)
+    h = Harness(chosen)
+    big = b"x" * 65536
+    h.respond = lambda request: b"HTTP/1.1 200 OK\r\nContent-Length: 65536\r\n\r\n" + big
+    fr = front.Front(h.worker, h.worker.listeners[0], server_ctx)
+    raw = FakeTransport(fr)
+    fr.connection_made(raw)
+    tls, incoming, outgoing = tls_client(fr, raw, client_ctx)
+
+    def get():
+        tls.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        h._spare()
+        fr.data_received(outgoing.read())
+        h.pump()
+        incoming.write(raw.take())
+        got = b""
+        while not got.endswith(big):
+            got += tls.read(65536)
+        assert got.startswith(b"HTTP/1.1 200 OK\r\n")
+
+    get()
+    assert bio_sizes(fr.tls)[1] >= 65536
+    for conn in h.worker.connections:
+        conn.release_idle_buffers()
+    assert bio_sizes(fr.tls) == (0, 0)
+    get()  # the BIOs grow again as they are used
+    assert bio_sizes(fr.tls)[1] >= 65536
+    fr.tls.incoming.write(b"\x17")  # a record begun: the connection is not idle, nothing is freed
+    for conn in h.worker.connections:
+        conn.release_idle_buffers()
+    assert bio_sizes(fr.tls)[1] >= 65536
 
 
 class _Upstream:

@@ -50,6 +50,7 @@ from fastlb.http import framing
 from fastlb.http.errors import error_response, local_response, redirect_response
 from fastlb.lb.router import InvalidHost
 from fastlb.net.certs import xfcc
+from fastlb.net.tlsbio import TlsBio
 from fastlb.obs.accesslog import record
 from fastlb.obs.metrics import BUCKETS, HIST_SUM
 
@@ -642,6 +643,11 @@ class ClientConnection:
         is better answered, with Connection: close, than cut."""
         if self.deadline_kind == _IDLE:
             self.deadline = min(self.deadline, now + DRAIN_GRACE)
+
+    def release_idle_buffers(self) -> None:
+        """A TLS keep-alive connection waiting for its next request gives back its BIOs' buffers."""
+        if self.deadline_kind == _IDLE and isinstance(self.transport, TlsBio):
+            self.transport.release_buffers()
 
     def on_deadline(self) -> None:
         if self.deadline_kind == _HEADER or self.deadline_kind == _BODY:

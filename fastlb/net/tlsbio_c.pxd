@@ -3,7 +3,7 @@
 cimport cython
 
 cdef object _RECORD  # an int object: sslobj.read(_RECORD) boxes nothing per record
-cdef object _SSLWantReadError, _SSLZeroReturnError, _SSLError, _get_running_loop
+cdef object _SSLWantReadError, _SSLZeroReturnError, _SSLError, _get_running_loop, _release
 cdef int B_CONNECTING, B_HANDSHAKE, B_OPEN, B_CLOSED
 
 
@@ -12,6 +12,7 @@ cdef class TlsBio:
     cdef public object sslobj, incoming, outgoing
     cdef public bint opened, paused, closing
     cdef public object error
+    cdef public bint released
 
     cdef void wrap(self, object context, bint server_side, object server_hostname, object session) except *
     cdef void feed(self, object data) except *
@@ -19,6 +20,7 @@ cdef class TlsBio:
     cdef void open(self) except *
     cdef void _read(self) except *
     cdef void _flush(self) except *
+    cpdef void release_buffers(self) except *
     cpdef void write(self, object data) except *
     cpdef void close(self) except *
     cpdef void abort(self) except *

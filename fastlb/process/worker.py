@@ -241,6 +241,8 @@ class Worker:
             front.timed_out()  # handshake_timeout, or header_timeout for a PROXY header
         for conn in [c for c in self.connections if c.active is not None]:
             conn.upstream_deadline(now)  # response_timeout
+        for conn in self.connections:
+            conn.release_idle_buffers()
         self._publish_gauges()
         for backend in self.backends.values():
             timeout = backend.spec.idle_timeout
