@@ -18,6 +18,7 @@ import shutil
 import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h11
@@ -403,10 +404,22 @@ def bio_sizes(layer) -> tuple[int, int]:
     return sizes[0], sizes[1]
 
 
+@contextlib.contextmanager
+def ticking(h):
+    """Yields the worker's own tick (Worker._tick, what its timer runs every TICK seconds) for `h`."""
+    loop = asyncio.new_event_loop()
+    h.worker.loop = loop            # where the tick schedules the next one (never run here)
+    h.worker.master_pid = os.getppid()
+    try:
+        yield h.worker._tick
+    finally:
+        loop.close()
+
+
 def test_an_idle_tls_connection_gives_back_what_its_bios_grew_to(tmp_path):
     """OpenSSL's memory BIOs keep the most they ever held: after a 64 KiB response the outgoing one still
-    holds 64 KiB.  Once the connection waits for its next request, what the worker's tick calls frees
-    both (the build's own Front, TlsBio and protocol); the connection then serves as before."""
+    holds 64 KiB.  Once the connection has waited a whole tick for its next request, the worker's tick
+    frees both (the build's own Front, TlsBio and protocol); the connection then serves as before."""
     assert biomem.WORKS
     server_ctx, client_ctx = tls_contexts(tmp_path)
     h = Harness(chosen)
@@ -430,15 +443,20 @@ def test_an_idle_tls_connection_gives_back_what_its_bios_grew_to(tmp_path):
 
     get()
     assert bio_sizes(fr.tls)[1] >= 65536
-    for conn in h.worker.connections:
-        conn.release_idle_buffers()
-    assert bio_sizes(fr.tls) == (0, 0)
-    get()  # the BIOs grow again as they are used
-    assert bio_sizes(fr.tls)[1] >= 65536
-    fr.tls.incoming.write(b"\x17")  # a record begun: the connection is not idle, nothing is freed
-    for conn in h.worker.connections:
-        conn.release_idle_buffers()
-    assert bio_sizes(fr.tls)[1] >= 65536
+    with ticking(h) as tick:
+        tick()  # idle at one tick may be a busy connection between two requests: kept
+        assert bio_sizes(fr.tls)[1] >= 65536
+        tick()  # idle for a whole tick: freed
+        assert bio_sizes(fr.tls) == (0, 0)
+        get()  # the BIOs grow again as they are used, and bytes received start the count again
+        tick()
+        tick()
+        assert bio_sizes(fr.tls) == (0, 0)
+        get()
+        fr.tls.incoming.write(b"\x17")  # a record begun: nothing is freed under it
+        tick()
+        tick()
+        assert bio_sizes(fr.tls)[1] >= 65536
 
 
 class _Upstream:
@@ -480,3 +498,39 @@ def test_a_closed_backend_tls_connection_leaves_no_cycle_for_the_gc(tmp_path):
     finally:
         loop.close()
     assert left == []
+
+
+def test_a_pooled_backend_tls_connection_gives_back_what_its_bios_grew_to(tmp_path, protocol):
+    """The same for the pooled connections to a TLS backend: an UpstreamConnection over a BackendTls that
+    sent 64 KiB, in its server's idle pool for a whole tick, frees both BIOs at the worker's tick."""
+    server_ctx, client_ctx = tls_contexts(tmp_path)
+    h = Harness(protocol)
+    loop = asyncio.new_event_loop()
+    try:
+        app = protocol.UpstreamConnection(h.worker, h.server)
+        layer = tlsbio.BackendTls(app, client_ctx, DEFAULT_NAMES[0], None, None, loop.create_future())
+        raw = FakeTransport(layer)
+        layer.connection_made(raw)
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        server = server_ctx.wrap_bio(incoming, outgoing, server_side=True)
+        for _ in range(10):
+            incoming.write(raw.take())
+            try:
+                server.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+            layer.data_received(outgoing.read())
+            if app.transport is layer:
+                break
+        assert app.transport is layer
+        layer.write(b"y" * 65536)
+        app.idle_since = time.monotonic()
+        h.server.idle.append(app)  # back in its server's pool, as after a response
+        assert bio_sizes(layer)[1] >= 65536
+        with ticking(h) as tick:
+            tick()
+            assert bio_sizes(layer)[1] >= 65536
+            tick()
+            assert bio_sizes(layer) == (0, 0)
+    finally:
+        loop.close()

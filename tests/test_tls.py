@@ -740,35 +740,3 @@ def test_demo_serves_https_with_a_reused_self_signed_certificate(fastlb, tmp_pat
     assert printed[0] == printed[1]
     assert cert_file.stat().st_mtime_ns == mtime  # reused, not rewritten
 
-
-def test_idle_keep_alive_connections_give_back_their_tls_buffers(fastlb, backends, tmp_path, pems):
-    """200 TLS keep-alive connections each fetch 256 KiB, then wait for their next request.  OpenSSL's
-    memory BIOs keep the most they ever held (the outgoing one, a relayed read's worth of records): the
-    worker grew by 30-33 MiB when nothing freed them, 7-14 MiB now that its tick frees them once the
-    connections are idle (the rest is the connections themselves and what the allocator keeps)."""
-    (backend,) = backends("b1")
-    lb = serve(fastlb, tmp_path, [pems.default], backend, env={"FASTLB_WORKERS": "1"})
-    context = client_context(pems)
-    https(lb.tls_port, context)
-
-    def rss():
-        return sum(psutil.Process(pid).memory_info().rss for pid in lb.worker_pids())
-
-    before = rss()
-    size = 256 * 1024
-    held = []
-    try:
-        for _ in range(200):
-            conn = context.wrap_socket(socket.create_connection(("127.0.0.1", lb.tls_port), timeout=5),
-                                       server_hostname="localhost")
-            held.append(conn)
-            conn.sendall(b"GET /big/%d HTTP/1.1\r\nHost: localhost\r\n\r\n" % size)
-            response = http.client.HTTPResponse(conn, method="GET")
-            response.begin()
-            assert len(response.read()) == size
-        time.sleep(1.0)  # four ticks
-        grown = rss() - before
-    finally:
-        for conn in held:
-            conn.close()
-    assert grown < 20 << 20, f"200 idle connections hold {grown >> 20} MiB"

@@ -953,6 +953,12 @@ class UpstreamConnection:
     def connection_made(self, transport):
         self.transport = transport
 
+    def release_idle_buffers(self) -> None:
+        """A pooled TLS connection (the worker's tick calls this for its server's idle list) gives back
+        its BIOs' buffers, as a client's does."""
+        if isinstance(self.transport, TlsBio):
+            self.transport.release_buffers()
+
     def attach(self, ex, reused) -> None:
         """Send ex's request on this connection (fresh from connect, or popped from the idle list)."""
         self.ex = ex

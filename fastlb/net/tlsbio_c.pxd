@@ -12,7 +12,7 @@ cdef class TlsBio:
     cdef public object sslobj, incoming, outgoing
     cdef public bint opened, paused, closing
     cdef public object error
-    cdef public bint released
+    cdef public int quiet_ticks
 
     cdef void wrap(self, object context, bint server_side, object server_hostname, object session) except *
     cdef void feed(self, object data) except *

@@ -54,7 +54,7 @@ class TlsBio:
         self.paused = False       # the app asked to stop reading
         self.closing = False
         self.error = None         # the SSLError that broke an open connection, for connection_lost
-        self.released = False     # release_buffers freed the BIOs' buffers, and nothing came in since
+        self.quiet_ticks = 0      # worker ticks since bytes last came in (release_buffers counts them)
 
     def wrap(self, context, server_side, server_hostname, session) -> None:
         self.incoming = ssl.MemoryBIO()
@@ -71,7 +71,7 @@ class TlsBio:
         if self.sslobj is None:
             self.app.data_received(data)
             return
-        self.released = False
+        self.quiet_ticks = 0
         self.incoming.write(data)
         if self.opened and not self.paused:
             self._read()
@@ -131,13 +131,15 @@ class TlsBio:
             self.raw.write(self.outgoing.read())
 
     def release_buffers(self) -> None:
-        """Free what both BIOs grew to (fastlb/net/biomem.py), once the connection waits with nothing
-        in them: the worker's tick calls this for an idle keep-alive connection."""
-        if self.released or self.sslobj is None or self.incoming.pending or self.outgoing.pending:
-            return
-        _release(self.incoming)
-        _release(self.outgoing)
-        self.released = True
+        """The worker's tick calls this for a keep-alive connection waiting for its next request: at the
+        second call in a row with nothing received in between (idle for a whole tick, so a busy connection
+        between two requests does not free and regrow them), both BIOs free what they grew to
+        (fastlb/net/biomem.py)."""
+        self.quiet_ticks += 1
+        if (self.quiet_ticks == 2 and self.sslobj is not None and not self.incoming.pending
+                and not self.outgoing.pending):
+            _release(self.incoming)
+            _release(self.outgoing)
 
     # -- asyncio's transport interface, for the app -------------------------------------------------------
     def write(self, data) -> None:

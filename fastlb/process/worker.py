@@ -250,6 +250,8 @@ class Worker:
                 idle = server.idle
                 while idle and now - idle[0].idle_since > timeout:
                     idle.pop(0).transport.close()
+                for conn in idle:
+                    conn.release_idle_buffers()
                 event = server.tick(now)
                 if event:
                     self.log.info("%s", event)
