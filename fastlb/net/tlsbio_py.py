@@ -135,6 +135,8 @@ class TlsBio:
         second call in a row with nothing received in between (idle for a whole tick, so a busy connection
         between two requests does not free and regrow them), both BIOs free what they grew to
         (fastlb/net/biomem.py)."""
+        if self.quiet_ticks == 2:
+            return  # done for this quiet spell (or a record was half in then: it will come in whole)
         self.quiet_ticks += 1
         if (self.quiet_ticks == 2 and self.sslobj is not None and not self.incoming.pending
                 and not self.outgoing.pending):
