@@ -469,6 +469,26 @@ class _Upstream:
         pass
 
 
+def backend_tls(app, client_ctx, server_ctx, loop):
+    """A BackendTls for `app` over a fake transport, its handshake done with a server-side SSLObject:
+    (layer, fake transport)."""
+    layer = tlsbio.BackendTls(app, client_ctx, DEFAULT_NAMES[0], None, None, loop.create_future())
+    raw = FakeTransport(layer)
+    layer.connection_made(raw)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    server = server_ctx.wrap_bio(incoming, outgoing, server_side=True)
+    for _ in range(10):
+        incoming.write(raw.take())
+        try:
+            server.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        layer.data_received(outgoing.read())
+        if getattr(app, "transport", None) is layer:
+            return layer, raw  # the handshake is done: the layer opened its app
+    raise AssertionError("no handshake")
+
+
 def test_a_closed_backend_tls_connection_leaves_no_cycle_for_the_gc(tmp_path):
     """The client side (BackendTls, issue 16): once the server's connection is lost, the layer, its app,
     the SSL object and its BIOs are freed by reference counting; the cyclic GC finds none of them."""
@@ -477,24 +497,10 @@ def test_a_closed_backend_tls_connection_leaves_no_cycle_for_the_gc(tmp_path):
     try:
         with cyclic_garbage({"BackendTls", "_Upstream", "MemoryBIO", "_SSLSocket"}) as left:
             app = _Upstream()
-            layer = tlsbio.BackendTls(app, client_ctx, DEFAULT_NAMES[0], None, None, loop.create_future())
-            raw = FakeTransport(layer)
-            layer.connection_made(raw)
-            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-            server = server_ctx.wrap_bio(incoming, outgoing, server_side=True)
-            for _ in range(10):
-                incoming.write(raw.take())
-                try:
-                    server.do_handshake()
-                except ssl.SSLWantReadError:
-                    pass
-                layer.data_received(outgoing.read())
-                if getattr(app, "transport", None) is layer:
-                    break
-            assert app.transport is layer  # the handshake is done: the layer opened its app
+            layer, raw = backend_tls(app, client_ctx, server_ctx, loop)
             layer.connection_lost(None)
             raw.protocol = None  # as uvloop's transport drops its protocol after connection_lost
-            del app, layer, raw, server, incoming, outgoing
+            del app, layer, raw
     finally:
         loop.close()
     assert left == []
@@ -508,21 +514,7 @@ def test_a_pooled_backend_tls_connection_gives_back_what_its_bios_grew_to(tmp_pa
     loop = asyncio.new_event_loop()
     try:
         app = protocol.UpstreamConnection(h.worker, h.server)
-        layer = tlsbio.BackendTls(app, client_ctx, DEFAULT_NAMES[0], None, None, loop.create_future())
-        raw = FakeTransport(layer)
-        layer.connection_made(raw)
-        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        server = server_ctx.wrap_bio(incoming, outgoing, server_side=True)
-        for _ in range(10):
-            incoming.write(raw.take())
-            try:
-                server.do_handshake()
-            except ssl.SSLWantReadError:
-                pass
-            layer.data_received(outgoing.read())
-            if app.transport is layer:
-                break
-        assert app.transport is layer
+        layer, _ = backend_tls(app, client_ctx, server_ctx, loop)
         layer.write(b"y" * 65536)
         app.idle_since = time.monotonic()
         h.server.idle.append(app)  # back in its server's pool, as after a response
