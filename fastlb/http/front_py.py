@@ -74,9 +74,11 @@ class Front:
         self.splice = None        # the Splice to a passthrough backend
         self.state = F_CLOSED
         self.buffer = b""         # bytes received before TLS or HTTP starts (PROXY header, ClientHello)
-        self.peer = None          # (ip, port): the client, as the PROXY header says when there is one
-        self.sni = None           # the server name of a well-formed ClientHello
+        # (ip, port) of the client and of the listener as a PROXY header gave them, else None: the
+        # TlsBio then asks the socket when the app wants them, so an idle connection keeps no tuples.
+        self.peer = None
         self.local = None
+        self.sni = None           # the server name of a well-formed ClientHello
         self.deadline = 0.0
 
     # -- the loop's transport calls these -------------------------------------------------------------
@@ -84,14 +86,12 @@ class Front:
         self.raw = transport
         worker = self.worker
         listener = self.listener
-        self.peer = transport.get_extra_info("peername")
-        self.local = transport.get_extra_info("sockname")
         self.deadline = monotonic() + listener.front_timeout
         worker.fronts.add(self)
         if listener.proxy_protocol:
             # PROXY headers are taken only from trusted_proxies: from anyone else one would let a
             # client choose the address every rule and log sees.
-            if not worker.is_trusted(self.peer[0]):
+            if not worker.is_trusted(transport.get_extra_info("peername")[0]):
                 self._give_up("untrusted")
                 return
             self.state = F_PROXY
@@ -193,6 +193,9 @@ class Front:
                 # An absolute name (RFC 1034 section 3.1) is the same host.
                 backend = by_server_name(passthrough, sni.rstrip("."))
                 if backend is not None:
+                    if self.peer is None:  # the splice hashes on it and may send it in a PROXY header
+                        self.peer = self.raw.get_extra_info("peername")
+                        self.local = self.raw.get_extra_info("sockname")
                     self.state = F_SPLICE
                     self.worker.fronts.discard(self)
                     self.splice = Splice(self, backend, data)

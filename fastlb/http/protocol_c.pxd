@@ -10,7 +10,7 @@ from fastlb.lb.router_c cimport Route, Router
 cdef bint _DEBUG
 cdef int _F_CHUNKED, _F_CONN_CLOSE, _F_CONN_KEEPALIVE, _F_NO_BODY, _F_UNTIL_CLOSE, _F_UPGRADE
 cdef int _F_HTTP10, _F_AMBIGUOUS
-cdef object _parse_request, _parse_response, _head_end, _head_and_body, _ChunkedBody, _request_start_problem
+cdef object intern, _parse_request, _parse_response, _head_end, _head_and_body, _ChunkedBody, _request_start_problem
 cdef Py_ssize_t _CHUNKED_BAD
 cdef int C_HEAD, C_BODY, C_CHUNKED, C_HELD, C_TUNNEL, C_DONE, C_CLOSED
 cdef int X_NEW, X_WAITING, X_CONNECTING, X_SENT, X_STREAMING, X_DONE
@@ -36,6 +36,7 @@ cdef class UpstreamConnection
 
 @cython.final
 cdef class Shared:
+    cdef public double[:] area
     cdef public long long max_connections, max_body_bytes
     # Python ints: handed to the parsers as they are, not boxed into new int objects per request.
     cdef public object max_request_line, max_header_bytes, max_headers, max_response_head, max_response_headers
@@ -60,7 +61,6 @@ cdef class ClientConnection:
     cdef bytes proto, port, authority
     cdef bint redirect
     cdef public Shared shared
-    cdef double[:] area
     cdef public int state
     cdef public bytes client_ip
     cdef public bint trust_xff

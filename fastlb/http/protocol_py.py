@@ -43,6 +43,7 @@ import os
 import socket
 import struct
 from collections import deque
+from sys import intern
 from time import monotonic
 
 from fastlb import core
@@ -203,7 +204,10 @@ class Shared:
     counter, the router.  Typed fields, built once per worker (process/worker.py keeps it current), so a
     request reads them from a struct, not through the attributes of Python objects."""
 
-    def __init__(self, limits, router, no_route, rid_prefix, access_log):
+    def __init__(self, limits, router, no_route, rid_prefix, access_log, area):
+        # This worker's metrics (float64 series, obs/metrics.py), typed once here: a typed memoryview
+        # field per connection would cost each one a memoryview object and a 208-byte slice.
+        self.area = area
         self.max_connections = limits.max_connections
         self.max_request_line = limits.max_request_line
         self.max_header_bytes = limits.max_header_bytes
@@ -240,7 +244,6 @@ class ClientConnection:
     def __init__(self, worker, listener):
         self.worker = worker
         self.shared = worker.shared
-        self.area = worker.area   # this worker's metrics (float64 series, obs/metrics.py)
         self.listener = listener
         # What every request reads of the listener, as typed fields: attribute lookups on the listener
         # (a Python object) cost more per request than copying them once per connection.
@@ -297,7 +300,7 @@ class ClientConnection:
         worker.area[listener.m_total] += 1
         if listener.m_tls is not None:
             tls = transport.get_extra_info("ssl_object")
-            self.tls_version = tls.version()
+            self.tls_version = intern(tls.version())  # one "TLSv1.3" for all connections, not one each
             index = listener.m_tls.get((self.tls_version, tls.cipher()[0], tls.session_reused))
             if index is not None:
                 worker.area[index] += 1
@@ -902,7 +905,7 @@ class Exchange:
         client = self.client
         shared = client.shared
         route = self.route or shared.no_route
-        area = client.area
+        area = shared.area
         area[route.m_requests[self.status // 100 - 1]] += 1
         _observe(area, route.m_duration, now - self.t0)
         if shared.access_log is not None:
@@ -1095,7 +1098,7 @@ class UpstreamConnection:
         elif status < 500:
             server.fails = 0
         ex.upstream_time = self.shared.now - self.sent_at
-        _observe(ex.client.area, server.m_upstream, ex.upstream_time)
+        _observe(self.shared.area, server.m_upstream, ex.upstream_time)
         if ex.policy is not None:
             head = ex.policy.response(ex, status, head)  # response_headers, on_response (fastlb/policy)
             if head is None:

@@ -112,7 +112,7 @@ class Worker:
         # <random prefix>-<counter in hex>; core.parse_request formats one only for a request that
         # did not bring its own X-Request-ID.
         self.shared = Shared(cfg.limits, self.router, self.no_route, os.urandom(6).hex().encode(),
-                             self.access_log)
+                             self.access_log, area)
         # ACME: every worker answers the CA's checks from what the control process published.
         self.acme_storage = None
         if any(spec.acme for spec in cfg.tls.certificates):
