@@ -506,9 +506,11 @@ def test_a_closed_backend_tls_connection_leaves_no_cycle_for_the_gc(tmp_path):
     assert left == []
 
 
-def test_a_pooled_backend_tls_connection_gives_back_what_its_bios_grew_to(tmp_path, protocol):
-    """The same for the pooled connections to a TLS backend: an UpstreamConnection over a BackendTls that
-    sent 64 KiB, in its server's idle pool for a whole tick, frees both BIOs at the worker's tick."""
+@pytest.mark.parametrize("kept", ["pooled", "private"])
+def test_an_idle_backend_tls_connection_gives_back_what_its_bios_grew_to(tmp_path, protocol, kept):
+    """The same for idle connections to a TLS backend: an UpstreamConnection over a BackendTls that sent
+    64 KiB, idle for a whole tick, frees both BIOs at the worker's tick, whether it waits in its server's
+    pool or (send_proxy) among the connections private to one client."""
     server_ctx, client_ctx = tls_contexts(tmp_path)
     h = Harness(protocol)
     loop = asyncio.new_event_loop()
@@ -517,7 +519,11 @@ def test_a_pooled_backend_tls_connection_gives_back_what_its_bios_grew_to(tmp_pa
         layer, _ = backend_tls(app, client_ctx, server_ctx, loop)
         layer.write(b"y" * 65536)
         app.idle_since = time.monotonic()
-        h.server.idle.append(app)  # back in its server's pool, as after a response
+        if kept == "pooled":
+            h.server.idle.append(app)  # back in its server's pool, as after a response
+        else:
+            app.owner = h.client  # as _complete keeps a send_proxy connection for its client
+            h.client.private = [app]
         assert bio_sizes(layer)[1] >= 65536
         with ticking(h) as tick:
             tick()

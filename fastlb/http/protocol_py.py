@@ -648,9 +648,13 @@ class ClientConnection:
             self.deadline = min(self.deadline, now + DRAIN_GRACE)
 
     def release_idle_buffers(self) -> None:
-        """A TLS keep-alive connection waiting for its next request gives back its BIOs' buffers."""
+        """A TLS keep-alive connection waiting for its next request gives back its BIOs' buffers, and so
+        do the idle send_proxy connections private to it (they are in no server's pool)."""
         if self.deadline_kind == _IDLE and isinstance(self.transport, TlsBio):
             self.transport.release_buffers()
+        if self.private is not None:
+            for conn in self.private:
+                conn.release_idle_buffers()
 
     def on_deadline(self) -> None:
         if self.deadline_kind == _HEADER or self.deadline_kind == _BODY:
