@@ -469,6 +469,26 @@ class _Upstream:
         pass
 
 
+def test_idle_send_proxy_connections_close_after_the_backends_idle_timeout(protocol):
+    """Connections kept for one client (send_proxy) are in no server's pool; the worker's tick closes them
+    after their backend's idle_timeout as it closes pooled ones: the old one goes, the recent one stays."""
+    h = Harness(protocol)
+    timeout = h.server.backend.spec.idle_timeout
+    conns = []
+    for age in (timeout + 1, 0):
+        conn = protocol.UpstreamConnection(h.worker, h.server)
+        conn.connection_made(FakeTransport(conn))
+        conn.owner = h.client  # as _complete keeps a send_proxy connection for its client
+        conn.idle_since = time.monotonic() - age
+        conns.append(conn)
+    h.client.private = list(conns)
+    with ticking(h) as tick:
+        tick()
+    old, recent = conns
+    assert old.transport.closing and not recent.transport.closing
+    assert h.client.private == [recent]
+
+
 def backend_tls(app, client_ctx, server_ctx, loop):
     """A BackendTls for `app` over a fake transport, its handshake done with a server-side SSLObject:
     (layer, fake transport)."""

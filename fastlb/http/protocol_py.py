@@ -647,14 +647,21 @@ class ClientConnection:
         if self.deadline_kind == _IDLE:
             self.deadline = min(self.deadline, now + DRAIN_GRACE)
 
-    def release_idle_buffers(self) -> None:
-        """A TLS keep-alive connection waiting for its next request gives back its BIOs' buffers, and so
-        do the idle send_proxy connections private to it (they are in no server's pool)."""
+    def on_tick(self, now) -> None:
+        """The worker's tick: a TLS keep-alive connection waiting for its next request gives back its BIOs'
+        buffers.  The idle send_proxy connections private to it are in no server's pool, so the tick does
+        here what it does for a pool: closes those idle longer than their backend's idle_timeout, and the
+        others give back their buffers."""
         if self.deadline_kind == _IDLE and isinstance(self.transport, TlsBio):
             self.transport.release_buffers()
-        if self.private is not None:
-            for conn in self.private:
-                conn.release_idle_buffers()
+        private = self.private
+        if private is not None:
+            for conn in list(private):
+                if now - conn.idle_since > conn.server.backend.spec.idle_timeout:
+                    private.remove(conn)
+                    conn.transport.close()
+                else:
+                    conn.release_idle_buffers()
 
     def on_deadline(self) -> None:
         if self.deadline_kind == _HEADER or self.deadline_kind == _BODY:

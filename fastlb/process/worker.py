@@ -242,7 +242,7 @@ class Worker:
         for conn in [c for c in self.connections if c.active is not None]:
             conn.upstream_deadline(now)  # response_timeout
         for conn in self.connections:
-            conn.release_idle_buffers()
+            conn.on_tick(now)  # BIO buffers of idle TLS connections, send_proxy connections' idle_timeout
         self._publish_gauges()
         for backend in self.backends.values():
             timeout = backend.spec.idle_timeout
