@@ -54,6 +54,14 @@ def test_install_commands_work_from_a_clone():
     assert re.findall(r"pip install (?:-U )?'?fastlb", README) == []
 
 
+def test_pip_installs_the_man_page():
+    # `man fastlb` after `pip install .`: man-db searches <prefix>/share/man for each <prefix>/bin on PATH.
+    # (An editable install, as tox's, leaves data files out: this reads the packaging config instead.)
+    files = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    assert files["share/man/man1"] == ["docs/fastlb.1"]
+    assert "man fastlb " in README
+
+
 def test_license_is_the_apache_text_pyproject_names():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["license"] == {"text": "Apache-2.0"}
