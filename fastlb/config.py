@@ -988,7 +988,8 @@ class RouteSpec:
         None, _Table(RateLimitSpec), "host-wide token bucket per key; over it, 429 with Retry-After"
     )
     basic_auth: str = _setting(
-        "", _Path(label="path"), 'htpasswd file of bcrypt hashes; without a valid user, 401; "" = off'
+        "", _Path(readable=True, label="path", what="htpasswd file"),
+        'htpasswd file of bcrypt hashes; without a valid user, 401; "" = off'
     )
     request_headers: HeaderRulesSpec | None = _setting(
         None, _Table(HeaderRulesSpec), "fields set and removed on the request sent upstream"
@@ -1162,7 +1163,7 @@ class ServerSection:
     watch: bool = _setting(
         False,
         _Bool(),
-        "reload when the config file, a certificate or an --ingress manifest changes (debounced; "
+        "reload when the config file, a certificate, an htpasswd file or an --ingress manifest changes (debounced; "
         "follows Kubernetes' ..data symlink swap of mounted ConfigMaps and Secrets)",
     )
 

@@ -210,20 +210,24 @@ def test_watch_reloads_on_a_configmap_swap_debounced_and_refuses_a_broken_one(ba
 
 
 def test_watch_follows_the_certificates_too(tmp_path):
-    """The watched files are the config's inputs: config file, certificates and keys, Ingress files."""
+    """The watched files are the config's inputs: config file, certificates and keys, htpasswd files
+    (nginx reads auth_basic_user_file per request, so an edit there is expected to count), Ingress files."""
     from tlsutil import make_pems
 
     from fastlb import config
     from fastlb.process.watch import input_files
 
     cert, key = make_pems(tmp_path).default
+    users = tmp_path / "users.htpasswd"
+    users.write_text("alice:$2b$04$" + "a" * 53 + "\n")
     cfg_file = tmp_path / "fastlb.toml"
     cfg_file.write_text(f'[[listeners]]\naddress = "127.0.0.1:{free_port()}"\ntls = true\n'
                         f'[[tls.certificates]]\ncert = "{cert}"\nkey = "{key}"\n'
-                        '[backends.b]\nservers = ["127.0.0.1:1"]\n[[routes]]\nbackend = "b"\n')
+                        '[backends.b]\nservers = ["127.0.0.1:1"]\n'
+                        '[[routes]]\nbackend = "b"\nbasic_auth = "users.htpasswd"\n')
     cfg = config.load(str(cfg_file), {}, {})
     assert input_files(cfg, ["ingress.yaml"]) == [
-        str(cfg_file), os.path.abspath("ingress.yaml"), str(cert), str(key)]
+        str(cfg_file), os.path.abspath("ingress.yaml"), str(cert), str(key), str(users)]
 
 
 def test_watch_sees_an_edit_behind_a_symlink_and_ignores_other_files(tmp_path):
