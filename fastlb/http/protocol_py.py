@@ -656,12 +656,7 @@ class ClientConnection:
             self.transport.release_buffers()
         private = self.private
         if private is not None:
-            for conn in list(private):
-                if now - conn.idle_since > conn.server.backend.spec.idle_timeout:
-                    private.remove(conn)
-                    conn.transport.close()
-                else:
-                    conn.release_idle_buffers()
+            private[:] = [conn for conn in private if not conn.idle_tick(now)]
 
     def on_deadline(self) -> None:
         if self.deadline_kind == _HEADER or self.deadline_kind == _BODY:
@@ -967,11 +962,17 @@ class UpstreamConnection:
     def connection_made(self, transport):
         self.transport = transport
 
-    def release_idle_buffers(self) -> None:
-        """A pooled TLS connection (the worker's tick calls this for its server's idle list) gives back
-        its BIOs' buffers, as a client's does."""
+    def idle_tick(self, now) -> bool:
+        """The worker's tick for a connection waiting idle, in its server's pool or kept for one client
+        (send_proxy): past its backend's idle_timeout it closes and returns True, for the caller to drop
+        it from its list (connection_lost comes later, on the loop); otherwise a TLS one gives back its
+        BIOs' buffers, as a client's does."""
+        if now - self.idle_since > self.server.backend.spec.idle_timeout:
+            self.transport.close()
+            return True
         if isinstance(self.transport, TlsBio):
             self.transport.release_buffers()
+        return False
 
     def attach(self, ex, reused) -> None:
         """Send ex's request on this connection (fresh from connect, or popped from the idle list)."""

@@ -245,13 +245,8 @@ class Worker:
             conn.on_tick(now)  # BIO buffers of idle TLS connections, send_proxy connections' idle_timeout
         self._publish_gauges()
         for backend in self.backends.values():
-            timeout = backend.spec.idle_timeout
             for server in backend.servers:
-                idle = server.idle
-                while idle and now - idle[0].idle_since > timeout:
-                    idle.pop(0).transport.close()
-                for conn in idle:
-                    conn.release_idle_buffers()
+                server.idle[:] = [conn for conn in server.idle if not conn.idle_tick(now)]
                 event = server.tick(now)
                 if event:
                     self.log.info("%s", event)
