@@ -88,8 +88,10 @@ class FakeTransport:
 class Harness:
     """One client connection to a worker whose only backend answers through fake upstream transports."""
 
-    def __init__(self, protocol, env=None):
-        cfg = config.load(None, {"FASTLB_BACKENDS": "127.0.0.1:9", **(env or {})}, {})
+    def __init__(self, protocol, env=None, path=None):
+        # A config file brings its own backends; without one, a single-server backend from the environment.
+        base = {} if path else {"FASTLB_BACKENDS": "127.0.0.1:9"}
+        cfg = config.load(path, {**base, **(env or {})}, {})
         layout = metrics.Layout()
         layout.extend(cfg, [])
         self.store = metrics.Store()
@@ -112,12 +114,14 @@ class Harness:
         return client, transport
 
     def _spare(self) -> None:
-        if not any(not conn.transport.is_closing() for conn in self.server.idle):
-            conn = self.protocol.UpstreamConnection(self.worker, self.server)
-            transport = FakeTransport(conn)
-            conn.connection_made(transport)
-            self.server.idle.append(conn)
-            self.upstreams.append((conn, transport, h11.Connection(h11.SERVER)))
+        """An open idle upstream connection in every server's pool, for whichever the pick chooses."""
+        for server in self.server.backend.servers:
+            if not any(not conn.transport.is_closing() for conn in server.idle):
+                conn = self.protocol.UpstreamConnection(self.worker, server)
+                transport = FakeTransport(conn)
+                conn.connection_made(transport)
+                server.idle.append(conn)
+                self.upstreams.append((conn, transport, h11.Connection(h11.SERVER)))
 
     def feed(self, data: bytes) -> None:
         self._spare()
@@ -178,6 +182,47 @@ class Harness:
             if not resp.interim:
                 out.append(resp)
         return out
+
+
+def test_a_queued_request_handed_a_slot_it_cannot_use_keeps_its_place(protocol, tmp_path):
+    """A slot freed on a server that went down meanwhile is no use to the head of the queue: it stays at
+    the head, its queue_timeout still counted from when it began to wait, and the next usable slot is its."""
+    cfg = tmp_path / "fastlb.toml"
+    cfg.write_text('[backends.b]\nservers = ["127.0.0.1:9", "127.0.0.1:10"]\nbalance = "roundrobin"\n'
+                   'max_connections = 1\nqueue_timeout = "60s"\n\n[[routes]]\nbackend = "b"\n')
+    h = Harness(protocol, path=str(cfg))
+    backend = h.server.backend
+    held = {}  # path -> the upstream connection holding it unanswered
+
+    def respond(request):
+        path = request[1].decode()
+        if path.startswith("/hold"):
+            held[path] = next(c for c, _, _ in h.upstreams if c.ex is not None and c not in held.values())
+            return b""
+        return OK
+
+    h.respond = respond
+    clients = {}
+    for path in ("/hold1", "/hold2", "/w3", "/w4"):
+        clients[path] = h.connect()
+        h._spare()
+        clients[path][0].data_received(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        h.pump()
+    assert sorted(held) == ["/hold1", "/hold2"] and len(backend.waiting) == 2
+    first, second = backend.waiting
+    queued_at = first.queued_at
+    down = held["/hold1"].server
+    down.up = False
+    down.tick(time.monotonic())
+    held["/hold1"].data_received(OK)  # frees a slot on the server that is down now
+    h.pump()
+    assert list(backend.waiting) == [first, second] and first.queued_at == queued_at
+    held["/hold2"].data_received(OK)  # frees the one usable slot: the head of the queue takes it first
+    h._spare()
+    h.pump()
+    assert [f[1] for f in h.forwarded] == [b"/hold1", b"/hold2", b"/w3", b"/w4"]
+    assert not backend.waiting
+    assert [parse_response(bytes(t.out), False, t.closing)[0].status for _, t in clients.values()] == [200] * 4
 
 
 def _summary(forwarded) -> list:

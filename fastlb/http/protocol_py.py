@@ -776,6 +776,11 @@ class Exchange:
         balancer = backend.balancer
         server = balancer.pick(self.tried, self.key)
         if server is None:
+            if self.state == X_WAITING and backend.saturated():
+                # Handed a slot it cannot use (freed on a server that went down meanwhile): it keeps
+                # its place at the head of the queue, and its queue_timeout still runs from queued_at.
+                backend.waiting.appendleft(self)
+                return
             if not self.tried and backend.saturated() and len(backend.waiting) < backend.spec.max_queue:
                 # Every up server is at max_connections: wait for a slot (bounded, queue_timeout).
                 self.queued_at = self.client.shared.now
