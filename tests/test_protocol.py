@@ -55,11 +55,13 @@ class FakeTransport:
         self.reading = True
         self.lost = False
         self.total = 0  # bytes ever written
+        self.writes = 0  # write calls: each is a system call on a real transport
 
     def write(self, data):
         assert not self.closing, f"write after close: {bytes(data)[:80]!r}"
         self.out += data
         self.total += len(data)
+        self.writes += 1
 
     def close(self):
         self.closing = True
@@ -436,6 +438,49 @@ def test_a_closed_tls_connection_leaves_no_cycle_for_the_gc(tmp_path):
         raw.protocol = None  # as uvloop's transport drops its protocol after connection_lost
         del fr, raw, tls, incoming, outgoing
     assert left == []
+
+
+@pytest.mark.parametrize("close", [False, True], ids=["keep-alive", "close"])
+def test_a_tls13_ticket_and_close_notify_go_out_with_the_response(tmp_path, close):
+    """A TLS 1.3 server's session ticket waits for the first response, and the last response of a connection
+    that closes goes out with the close_notify: one write each, where each took a write of its own (the
+    build's own Front, TlsBio and protocol).  The client still gets a resumable session and the close."""
+    server_ctx, client_ctx = tls_contexts(tmp_path)
+    h = Harness(chosen)
+    fr = front.Front(h.worker, h.worker.listeners[0], server_ctx)
+    raw = FakeTransport(fr)
+    fr.connection_made(raw)
+    tls, incoming, outgoing = tls_client(fr, raw, client_ctx)
+    assert tls.version() == "TLSv1.3"
+    fr.data_received(outgoing.read())  # the client's Finished
+    assert raw.writes == 1 and not raw.out  # the server's flight only; the ticket waits
+    tls.write(b"GET / HTTP/1.1\r\nHost: x\r\n%s\r\n" % (b"Connection: close\r\n" if close else b""))
+    h._spare()
+    fr.data_received(outgoing.read())
+    h.pump()
+    assert raw.writes == 2 and raw.closing == close
+    incoming.write(raw.take())
+    assert tls.read(4096).startswith(b"HTTP/1.1 200 OK\r\n")
+    assert tls.session.has_ticket
+    if close:
+        assert tls.read(4096) == b""  # the close_notify (without it: SSLWantReadError)
+    else:
+        tls.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        fr.data_received(outgoing.read())
+        h.pump()
+        assert raw.writes == 3 and not raw.closing
+
+
+def test_a_tls12_server_sends_its_last_flight_at_once(tmp_path):
+    """A TLS 1.2 client waits for the server's Finished: nothing of the handshake is held back."""
+    server_ctx, client_ctx = tls_contexts(tmp_path)
+    client_ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    h = Harness(chosen)
+    fr = front.Front(h.worker, h.worker.listeners[0], server_ctx)
+    raw = FakeTransport(fr)
+    fr.connection_made(raw)
+    tls, incoming, outgoing = tls_client(fr, raw, client_ctx)  # fails unless the Finished came
+    assert tls.version() == "TLSv1.2" and raw.writes == 2 and not raw.out
 
 
 def bio_sizes(layer) -> tuple[int, int]:

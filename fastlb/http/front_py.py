@@ -222,7 +222,8 @@ class Front:
         except (_SSLError, ValueError) as exc:
             self._refuse(handshake_failure_reason(exc), getattr(exc, "reason", None) in _HTTP_REQUEST)
             return
-        self._open()  # shake() sent the Finished flight and the session ticket (RFC 8446 section 4.6.1)
+        # shake() sent our Finished flight; a TLS 1.3 session ticket waits for the first response.
+        self._open()
 
     def _refuse(self, reason: str, plain_http: bool) -> None:
         """The handshake failed: send what OpenSSL wrote (the alert), count why, close."""

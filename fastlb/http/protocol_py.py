@@ -1238,11 +1238,16 @@ class UpstreamConnection:
     # -- outcomes ---------------------------------------------------------------------------------
     def _complete(self, out: list, dirty) -> None:
         """The response ended.  dirty: bytes followed it (a response desync): never reuse."""
-        self._flush(out)
         ex = self.ex
+        client = ex.client
+        if (not ex.keep_alive and client.active is ex and client.incoming is not ex
+                and isinstance(client.transport, TlsBio)):
+            # exchange_done closes the client connection right after this: the response's last records
+            # go out with the close_notify, in one write.
+            client.transport.corked = True
+        self._flush(out)
         self.ex = None
         self.chunked = None
-        client = ex.client
         if not self.reused and self.tls_name is not None:
             # The first response on a new TLS connection: its session, with the TLS 1.3 ticket that
             # came after the handshake, resumes the next connection (fastlb/net/upstream_tls.py, 3).

@@ -4,13 +4,14 @@ cimport cython
 
 cdef object _RECORD  # an int object: sslobj.read(_RECORD) boxes nothing per record
 cdef object _SSLWantReadError, _SSLZeroReturnError, _SSLError, _get_running_loop, _release
+cdef int _IPPROTO_TCP, _TCP_QUICKACK
 cdef int B_CONNECTING, B_HANDSHAKE, B_OPEN, B_CLOSED
 
 
 cdef class TlsBio:
     cdef public object raw, app, peer, local
     cdef public object sslobj, incoming, outgoing
-    cdef public bint opened, paused, closing
+    cdef public bint opened, paused, closing, lazy, corked
     cdef public object error
     cdef public int quiet_ticks
 

@@ -17,6 +17,7 @@ header to a backend), has no `session=` for resuming a backend's sessions, and c
 https-reencrypt it put fastlb at 1.13x nginx's CPU per request, 1.06x with this layer).
 """
 
+import socket
 import ssl
 from asyncio import get_running_loop
 
@@ -29,6 +30,8 @@ _SSLZeroReturnError = ssl.SSLZeroReturnError
 _SSLError = ssl.SSLError
 _get_running_loop = get_running_loop
 _release = release
+_IPPROTO_TCP = socket.IPPROTO_TCP
+_TCP_QUICKACK = socket.TCP_QUICKACK
 
 # BackendTls.state
 B_CONNECTING = 0
@@ -55,6 +58,16 @@ class TlsBio:
         self.closing = False
         self.error = None         # the SSLError that broke an open connection, for connection_lost
         self.quiet_ticks = 0      # worker ticks since bytes last came in (release_buffers counts them)
+        # What waits in `outgoing` for a later write instead of taking a system call, a segment and a
+        # wake-up of the peer of its own:
+        # - lazy: a TLS 1.3 server's own messages after the handshake, i.e. its session ticket and the
+        #   answer to a KeyUpdate.  A client never waits for them: tickets may come at any time (RFC 8446
+        #   section 4.6.1), and a KeyUpdate answer need only precede our next application data (4.6.3).
+        #   They go out with our next write, or with the close_notify.
+        # - corked: the app's writes, until close() sends them with the close_notify (the last response
+        #   of a connection that closes after it, see protocol_py.py `_complete`).
+        self.lazy = False
+        self.corked = False
 
     def wrap(self, context, server_side, server_hostname, session) -> None:
         self.incoming = ssl.MemoryBIO()
@@ -79,12 +92,28 @@ class TlsBio:
     def shake(self) -> bool:
         """One step of the handshake: True once it is done, False while it waits for the peer; what
         OpenSSL raises when it fails propagates (the caller sends the alert with `_flush`)."""
+        sslobj = self.sslobj
         try:
-            self.sslobj.do_handshake()
+            sslobj.do_handshake()
         except _SSLWantReadError:
             self._flush()
             return False
-        self._flush()
+        server_side = sslobj.server_side
+        if server_side and sslobj.version() == "TLSv1.3":
+            self.lazy = True  # the session ticket goes out with the first response
+        elif self.outgoing.pending:
+            # The last flight, which the peer waits for: a TLS 1.2 server's Finished (a full handshake
+            # ends with it, RFC 5246 section 7.3), or a client's Finished.
+            self._flush()
+            return True
+        if server_side and not self.incoming.pending:
+            # The handshake ended with the client's Finished and we sent nothing after it (a TLS 1.3
+            # ticket held, a TLS 1.2 resumption); its request has not come yet.  The kernel would delay
+            # the ACK of that Finished (up to 40 ms: the connection is interactive by now), and a client
+            # that keeps Nagle's algorithm on holds its request until then.  So ACK it now (tcp(7)).
+            sock = self.raw.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(_IPPROTO_TCP, _TCP_QUICKACK, 1)
         return True
 
     def open(self) -> None:
@@ -124,7 +153,8 @@ class TlsBio:
             # record, so nothing decrypted is ever left in OpenSSL; what is left is in `incoming`.
             if not incoming.pending:
                 break
-        self._flush()  # e.g. the answer to a TLS 1.3 KeyUpdate
+        if not self.lazy:
+            self._flush()  # e.g. a TLS 1.2 renegotiation's handshake messages
 
     def _flush(self) -> None:
         if self.outgoing.pending:
@@ -151,14 +181,16 @@ class TlsBio:
             # A memory BIO takes all of it: SSL_write only returns early on a socket that would block.
             # After our close_notify OpenSSL refuses to write, and so does a closing transport.
             self.sslobj.write(data)
-            self.raw.write(self.outgoing.read())
+            if not self.corked:
+                self.raw.write(self.outgoing.read())
 
     def close(self) -> None:
         if self.closing:
             return
         self.closing = True
         if self.sslobj is not None and self.opened:
-            # Our close_notify (RFC 8446 section 6.1), without waiting for the peer's, as nginx does.
+            # Our close_notify (RFC 8446 section 6.1), without waiting for the peer's, as nginx does; in
+            # the same write as whatever `lazy` and `corked` held.
             try:
                 self.sslobj.shutdown()
             except (_SSLError, ValueError):
