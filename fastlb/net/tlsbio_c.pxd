@@ -11,8 +11,10 @@ cdef int B_CONNECTING, B_HANDSHAKE, B_OPEN, B_CLOSED
 cdef class TlsBio:
     cdef public object raw, app, peer, local
     cdef public object sslobj, incoming, outgoing
-    cdef public bint opened, paused, closing, lazy, corked
     cdef public object error
+    # The flags after the objects: with quiet_ticks they fill 24 bytes, no padding (the object's size is
+    # paid per TLS connection).
+    cdef public bint opened, paused, closing, lazy, corked
     cdef public int quiet_ticks
 
     cdef void wrap(self, object context, bint server_side, object server_hostname, object session) except *
