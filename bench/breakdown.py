@@ -31,10 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from compare import SCENARIOS, log, preflight
+import load
+from compare import RESULTS, SCENARIOS, log, preflight
 from proxies import PROXIES, Backend, Service, StartError, make_cert, nofile_limit
 
-RESULTS = Path(__file__).resolve().parent / "results"
 # Frames that work for their caller (see the module docstring); matched on the shared object's file name.
 _SERVING = re.compile(
     r"^(libpython[\d.]*\.so|libc\.so|libm\.so|ld-linux|libpthread|\[unknown\]|\[vdso\]|inlined$)"
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     scenario = SCENARIOS[args.scenario]
     args.scenarios = [scenario]
     preflight(args)
-    workdir = Path(tempfile.mkdtemp(prefix="fastlb-profile-"))
+    workdir = Path(tempfile.mkdtemp(prefix="fastlb-breakdown-"))
     workdir.chmod(0o755)  # nginx workers run as an unprivileged user and read /big from here
     tls_files = make_cert(RESULTS / "tls")
     nofile = nofile_limit()
@@ -171,8 +171,8 @@ def main(argv=None) -> int:
                 svc.start()
                 log(f"profiling {name} on {scenario.name}")
                 results[name] = profile(svc, scenario, args, workdir)
-            except StartError as e:
-                log(f"{name}: did not start: {e}")
+            except (StartError, load.LoadError, RuntimeError) as e:  # RuntimeError: perf failed
+                log(f"{name}: not profiled: {e}")
             finally:
                 svc.stop()
     finally:
